@@ -1,0 +1,32 @@
+"""Differentiable functions over Tensors, each a Function with forward and backward side by side.
+
+Grouped by kind, one file each:
+
+=================  =====================================================================
+``elementwise``    add, sub, mul, div, maximum, minimum, neg, pow, exp, log, sqrt, abs,
+                   clamp, where, cast
+``activation``     sigmoid, relu, softmax, log_softmax, softplus, log_sigmoid
+``reduce``         sum, mean, max, cumsum
+``shape``          reshape, permute, transpose, flatten, unsqueeze, squeeze, expand,
+                   getitem, gather, concat, stack, split
+``linalg``         matmul, linear
+``conv``           conv2d (im2col), max_pool2d
+``norm``           layer_norm, group_norm, frozen_batch_norm
+``random``         dropout
+``sampling``       interpolate_nearest (masks, no gradient)
+=================  =====================================================================
+
+Every function accepts Tensors (and, where it makes sense, plain numbers or arrays) and
+returns a Tensor. ``import minidetr.functional as F`` is the usual spelling.
+"""
+from .elementwise import (abs, add, cast, clamp, div, exp, log, maximum, minimum, mul, neg,  # noqa: F401
+                          pow, sqrt, sub, where)
+from .activation import log_sigmoid, log_softmax, relu, sigmoid, softmax, softplus  # noqa: F401
+from .reduce import cumsum, max, mean, sum  # noqa: F401
+from .shape import (concat, expand, flatten, gather, getitem, permute, reshape, split,  # noqa: F401
+                    squeeze, stack, transpose, unsqueeze)
+from .linalg import linear, matmul  # noqa: F401
+from .conv import conv2d, max_pool2d  # noqa: F401
+from .norm import frozen_batch_norm, group_norm, layer_norm  # noqa: F401
+from .random import dropout  # noqa: F401
+from .sampling import interpolate_nearest  # noqa: F401

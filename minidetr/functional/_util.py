@@ -1,0 +1,41 @@
+"""Small helpers shared by the Functions (not part of the public API)."""
+from __future__ import annotations
+
+from ..autograd import Tensor, as_array
+
+
+def same_float_dtype(name, *args):
+    """Raise a clear error when floating operands of one op have different dtypes.
+
+    minidetr does not promote float32 to float64 silently: a float64 gradient check must
+    be float64 throughout, and a float32 model must stay float32.
+    """
+    dts = {a.dtype for a in args if isinstance(a, Tensor) or hasattr(a, "dtype")
+           if a.dtype.kind == "f"}
+    if len(dts) > 1:
+        raise TypeError(f"{name}: operands have different float dtypes {sorted(map(str, dts))}; "
+                        "cast one with .astype()")
+
+
+def operand(x, like):
+    """A Tensor stays a Tensor; a number/list/array becomes an array with ``like``'s dtype."""
+    if isinstance(x, Tensor):
+        return x
+    ref = like.data if isinstance(like, Tensor) else like
+    if hasattr(x, "dtype") and x.dtype.kind in "biu":
+        return as_array(x, like=ref)
+    return as_array(x, dtype=ref.dtype if ref.dtype.kind == "f" else None, like=ref)
+
+
+def normalize_axis(axis, ndim):
+    """``axis`` (None, int or tuple, negatives allowed) as a sorted tuple of non-negative ints."""
+    if axis is None:
+        return tuple(range(ndim))
+    if isinstance(axis, int):
+        axis = (axis,)
+    out = []
+    for a in axis:
+        if not -ndim <= a < ndim:
+            raise ValueError(f"axis {a} is out of range for an array of {ndim} dimensions")
+        out.append(a % ndim)
+    return tuple(sorted(out))

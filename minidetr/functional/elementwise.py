@@ -1,0 +1,318 @@
+"""Elementwise Functions: arithmetic with broadcasting, and the unary maths.
+
+Shapes: inputs broadcast as in NumPy; the output has the broadcast shape. Every backward
+sums the gradient back to each input's shape with :func:`minidetr.autograd.unbroadcast`.
+"""
+from __future__ import annotations
+
+from ..autograd import Function, unbroadcast
+from ._util import operand, same_float_dtype
+
+
+# --------------------------------------------------------------------------- binary
+class Add(Function):
+    @staticmethod
+    def forward(ctx, a, b):
+        ctx.shapes = (a.shape, b.shape)
+        return a + b
+
+    @staticmethod
+    def backward(ctx, grad):
+        sa, sb = ctx.shapes
+        na, nb = ctx.needs_input_grad
+        return (unbroadcast(grad, sa) if na else None,
+                unbroadcast(grad, sb) if nb else None)
+
+
+class Sub(Function):
+    @staticmethod
+    def forward(ctx, a, b):
+        ctx.shapes = (a.shape, b.shape)
+        return a - b
+
+    @staticmethod
+    def backward(ctx, grad):
+        sa, sb = ctx.shapes
+        na, nb = ctx.needs_input_grad
+        return (unbroadcast(grad, sa) if na else None,
+                unbroadcast(-grad, sb) if nb else None)
+
+
+class Mul(Function):
+    @staticmethod
+    def forward(ctx, a, b):
+        ctx.save_for_backward(a, b)
+        return a * b
+
+    @staticmethod
+    def backward(ctx, grad):
+        a, b = ctx.saved_tensors
+        na, nb = ctx.needs_input_grad
+        return (unbroadcast(grad * b, a.shape) if na else None,
+                unbroadcast(grad * a, b.shape) if nb else None)
+
+
+class Div(Function):
+    @staticmethod
+    def forward(ctx, a, b):
+        ctx.save_for_backward(a, b)
+        return a / b
+
+    @staticmethod
+    def backward(ctx, grad):
+        a, b = ctx.saved_tensors
+        na, nb = ctx.needs_input_grad
+        # d(a/b)/da = 1/b ; d(a/b)/db = -a/b^2
+        return (unbroadcast(grad / b, a.shape) if na else None,
+                unbroadcast(-grad * a / (b * b), b.shape) if nb else None)
+
+
+class Maximum(Function):
+    """max(a, b) elementwise; on ties the gradient goes to ``a`` (as in numpy.maximum's pick)."""
+
+    @staticmethod
+    def forward(ctx, a, b):
+        take_a = a >= b
+        ctx.save_for_backward(take_a)
+        ctx.shapes = (a.shape, b.shape)
+        return ctx.xp.where(take_a, a, b)
+
+    @staticmethod
+    def backward(ctx, grad):
+        take_a, = ctx.saved_tensors
+        sa, sb = ctx.shapes
+        na, nb = ctx.needs_input_grad
+        return (unbroadcast(grad * take_a, sa) if na else None,
+                unbroadcast(grad * ~take_a, sb) if nb else None)
+
+
+class Minimum(Function):
+    """min(a, b) elementwise; on ties the gradient goes to ``a``."""
+
+    @staticmethod
+    def forward(ctx, a, b):
+        take_a = a <= b
+        ctx.save_for_backward(take_a)
+        ctx.shapes = (a.shape, b.shape)
+        return ctx.xp.where(take_a, a, b)
+
+    @staticmethod
+    def backward(ctx, grad):
+        take_a, = ctx.saved_tensors
+        sa, sb = ctx.shapes
+        na, nb = ctx.needs_input_grad
+        return (unbroadcast(grad * take_a, sa) if na else None,
+                unbroadcast(grad * ~take_a, sb) if nb else None)
+
+
+def _binary(fn, a, b):
+    a2, b2 = operand(a, b), operand(b, a)
+    same_float_dtype(fn.__name__, a2, b2)
+    return fn.apply(a2, b2)
+
+
+def add(a, b):
+    """a + b with broadcasting."""
+    return _binary(Add, a, b)
+
+
+def sub(a, b):
+    """a - b with broadcasting."""
+    return _binary(Sub, a, b)
+
+
+def mul(a, b):
+    """a * b with broadcasting."""
+    return _binary(Mul, a, b)
+
+
+def div(a, b):
+    """a / b with broadcasting."""
+    return _binary(Div, a, b)
+
+
+def maximum(a, b):
+    """Elementwise maximum with broadcasting."""
+    return _binary(Maximum, a, b)
+
+
+def minimum(a, b):
+    """Elementwise minimum with broadcasting."""
+    return _binary(Minimum, a, b)
+
+
+# --------------------------------------------------------------------------- unary
+class Neg(Function):
+    @staticmethod
+    def forward(ctx, x):
+        return -x
+
+    @staticmethod
+    def backward(ctx, grad):
+        return -grad
+
+
+class Pow(Function):
+    """x ** p for a constant exponent p (a Python number)."""
+
+    @staticmethod
+    def forward(ctx, x, p):
+        ctx.save_for_backward(x)
+        ctx.p = p
+        return x ** p
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, = ctx.saved_tensors
+        return grad * ctx.p * x ** (ctx.p - 1), None
+
+
+class Exp(Function):
+    @staticmethod
+    def forward(ctx, x):
+        y = ctx.xp.exp(x)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        y, = ctx.saved_tensors
+        return grad * y
+
+
+class Log(Function):
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return ctx.xp.log(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, = ctx.saved_tensors
+        return grad / x
+
+
+class Sqrt(Function):
+    @staticmethod
+    def forward(ctx, x):
+        y = ctx.xp.sqrt(x)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        y, = ctx.saved_tensors
+        return grad / (2 * y)
+
+
+class Abs(Function):
+    """|x|; the subgradient at 0 is 0 (numpy.sign)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return ctx.xp.abs(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, = ctx.saved_tensors
+        return grad * ctx.xp.sign(x)
+
+
+class Clamp(Function):
+    """Clip to [lo, hi] (either may be None); the gradient is 0 where x was clipped."""
+
+    @staticmethod
+    def forward(ctx, x, lo, hi):
+        xp = ctx.xp
+        inside = xp.ones(x.shape, dtype=bool)
+        if lo is not None:
+            inside &= x >= lo
+        if hi is not None:
+            inside &= x <= hi
+        ctx.save_for_backward(inside)
+        return xp.clip(x, lo, hi).astype(x.dtype, copy=False)
+
+    @staticmethod
+    def backward(ctx, grad):
+        inside, = ctx.saved_tensors
+        return grad * inside, None, None
+
+
+class Where(Function):
+    """cond ? a : b with broadcasting; ``cond`` is a boolean array (no gradient)."""
+
+    @staticmethod
+    def forward(ctx, cond, a, b):
+        ctx.save_for_backward(cond)
+        ctx.shapes = (a.shape, b.shape)
+        return ctx.xp.where(cond, a, b)
+
+    @staticmethod
+    def backward(ctx, grad):
+        cond, = ctx.saved_tensors
+        sa, sb = ctx.shapes
+        _, na, nb = ctx.needs_input_grad
+        zero = grad.dtype.type(0)
+        return (None,
+                unbroadcast(ctx.xp.where(cond, grad, zero), sa) if na else None,
+                unbroadcast(ctx.xp.where(cond, zero, grad), sb) if nb else None)
+
+
+class Cast(Function):
+    """Change the dtype; the gradient is cast back."""
+
+    @staticmethod
+    def forward(ctx, x, dtype):
+        ctx.dtype = x.dtype
+        return x.astype(dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.astype(ctx.dtype), None
+
+
+def neg(x):
+    return Neg.apply(x)
+
+
+def pow(x, p):
+    """x ** p, p a Python number."""
+    if not isinstance(p, (int, float)):
+        raise TypeError(f"pow: the exponent must be a Python number, got {type(p).__name__}")
+    return Pow.apply(x, p)
+
+
+def exp(x):
+    return Exp.apply(x)
+
+
+def log(x):
+    return Log.apply(x)
+
+
+def sqrt(x):
+    return Sqrt.apply(x)
+
+
+def abs(x):  # noqa: A001 - mirrors numpy.abs
+    return Abs.apply(x)
+
+
+def clamp(x, lo=None, hi=None):
+    """Clip ``x`` to [lo, hi]; either bound may be None."""
+    return Clamp.apply(x, lo, hi)
+
+
+def where(cond, a, b):
+    """``a`` where ``cond`` is True, else ``b`` (cond: a boolean array or Tensor)."""
+    from ..autograd import Tensor
+    c = cond.data if isinstance(cond, Tensor) else cond
+    a2, b2 = operand(a, b), operand(b, a)
+    same_float_dtype("where", a2, b2)
+    return Where.apply(c, a2, b2)
+
+
+def cast(x, dtype):
+    """``x`` as ``dtype`` (differentiable between float dtypes)."""
+    return Cast.apply(x, dtype)

@@ -1,0 +1,3 @@
+"""PLACEHOLDER: being written (functional helper)."""
+def matmul(a, b): raise NotImplementedError
+def linear(x, weight, bias=None): raise NotImplementedError

@@ -1,0 +1,57 @@
+"""Shared test fixtures.
+
+* ``xp``: parametrises a test over the array backends, NumPy always and CuPy when a GPU is
+  present (skipped with the reason otherwise), so every check also runs on the GPU.
+* ``shared_dir``: the ../shared folder beside the repository (skipped in a user's clone).
+* Hypothesis: a small, derandomised "ci" profile, so runs are reproducible and fast.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, settings
+
+from minidetr.backend import cupy_available, why_no_cupy
+
+settings.register_profile(
+    "ci", max_examples=int(os.environ.get("MINIDETR_HYPOTHESIS_EXAMPLES", "20")),
+    deadline=None, derandomize=True, print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.register_profile("thorough", max_examples=500, deadline=None, print_blob=True)
+settings.load_profile(os.environ.get("MINIDETR_HYPOTHESIS_PROFILE", "ci"))
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+
+
+def _xp_params():
+    return [pytest.param("numpy", id="numpy"),
+            pytest.param("cupy", id="cupy", marks=pytest.mark.gpu)]
+
+
+@pytest.fixture(params=_xp_params())
+def xp(request):
+    """The array module to test with: numpy, or cupy when a GPU is present."""
+    if request.param == "cupy":
+        if not cupy_available():
+            pytest.skip(f"GPU backend not tested: {why_no_cupy()}")
+        import cupy
+        return cupy
+    return np
+
+
+@pytest.fixture
+def shared_dir():
+    if not SHARED.is_dir():
+        pytest.skip(f"{SHARED} not found: tests that use the shared COCO sample only run in "
+                    "CI or in a checkout with ../shared beside it")
+    return SHARED
+
+
+@pytest.fixture
+def rng():
+    """A seeded NumPy generator; the seed is in the test id through the fixture's name."""
+    return np.random.default_rng(12345)
