@@ -173,7 +173,8 @@ class Tensor:
             if g is None:                      # no gradient reached this tensor
                 continue
             if t._node is None or t._retain_grad:
-                t.grad = g if t.grad is None else t.grad + g
+                # copy: g may be a view shared with another tensor's gradient
+                t.grad = g.copy() if t.grad is None else t.grad + g
             if t._node is None:
                 continue
             node = t._node

@@ -68,6 +68,8 @@ def gradcheck(fn, inputs, wrt=None, eps=1e-6, tol=1e-6, seed=0, name=None, raise
     label = name or getattr(fn, "__name__", "fn")
     arrays = []
     for a in inputs:
+        if isinstance(a, np.generic):          # a NumPy scalar: make it a (0-d) array
+            a = np.array(a)
         if hasattr(a, "dtype") and a.dtype.kind == "f":
             if a.dtype != np.float64:
                 raise TypeError(f"gradcheck({label}): inputs must be float64, got {a.dtype} "

@@ -1,6 +1,8 @@
 """Small helpers shared by the Functions (not part of the public API)."""
 from __future__ import annotations
 
+import numpy as np
+
 from ..autograd import Tensor, as_array
 
 
@@ -39,3 +41,36 @@ def normalize_axis(axis, ndim):
             raise ValueError(f"axis {a} is out of range for an array of {ndim} dimensions")
         out.append(a % ndim)
     return tuple(sorted(out))
+
+
+def single_axis(name, axis, ndim):
+    """One axis (an int, negatives allowed) as a non-negative int, or a clear error naming ``name``."""
+    if isinstance(axis, bool) or not isinstance(axis, (int, np.integer)):
+        raise TypeError(f"{name}: axis must be an int, got {type(axis).__name__}")
+    if not -ndim <= axis < ndim:
+        raise ValueError(f"{name}: axis {axis} is out of range for a tensor with {ndim} "
+                         f"dimension{'s' if ndim != 1 else ''}")
+    return int(axis) % ndim
+
+
+def index_add(xp, target, index, values):
+    """``target[index] += values`` in place, *accumulating* over repeated indices.
+
+    Plain ``target[index] += values`` keeps only one contribution when an integer array in
+    ``index`` names the same element twice; this is the unbuffered scatter-add that
+    the backward of indexing needs (``numpy.add.at`` on NumPy, ``cupyx.scatter_add`` on
+    CuPy, which behave identically). ``index`` is anything NumPy accepts between square
+    brackets: ints, slices, None, Ellipsis, integer or boolean arrays, or a tuple of them.
+    It is the only scatter-add in minidetr.
+    """
+    if xp is np:
+        np.add.at(target, index, values)
+    else:
+        import cupyx
+        cupyx.scatter_add(target, index, values)
+    return target
+
+
+def tensor_or_array(x):
+    """A Tensor stays a Tensor; anything else becomes an array (Python floats: float32)."""
+    return x if isinstance(x, Tensor) else as_array(x)
