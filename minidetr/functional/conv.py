@@ -1,3 +1,301 @@
-"""PLACEHOLDER: being written (layers helper)."""
-def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1): raise NotImplementedError
-def max_pool2d(x, kernel_size, stride=None, padding=0): raise NotImplementedError
+"""2-D convolution by im2col + one GEMM, and 2-D max pooling.
+
+A convolution is a matrix product in disguise. Unfold every receptive field of the
+(zero-padded) input into one column of a matrix ``cols`` -- this is *im2col* -- and the
+convolution becomes a single matrix multiplication with the flattened filters::
+
+    cols[n, (c, i, j), (p, q)] = x_pad[n, c, p*s_h + i*d_h, q*s_w + j*d_w]
+    out[n, o, (p, q)]          = sum_(c,i,j) W[o, (c, i, j)] * cols[n, (c, i, j), (p, q)]
+
+The backward pass is the transpose of each step: ``grad_cols = W^T @ grad_out`` and then
+*col2im* scatter-adds every column back onto the pixels it was read from (pixels that
+sit in several receptive fields collect several contributions).
+
+Both unfolding and folding loop over the ``kh * kw`` kernel taps only: for a fixed tap
+``(i, j)`` the pixels read at all output positions form one strided slice of the padded
+input, so each tap is one vectorised copy (or one vectorised add).
+
+Shapes:
+    x        (N, C_in, H, W)
+    weight   (C_out, C_in, kh, kw)           PyTorch layout
+    bias     (C_out,)
+    cols     (N, C_in*kh*kw, H_out*W_out)    the column matrix
+    out      (N, C_out, H_out, W_out)
+    H_out = floor((H + 2*pad_h - dil_h*(kh - 1) - 1) / stride_h) + 1   (same for W_out)
+
+The derivations are in ``docs/autograd.md`` ("Convolution as im2col + one matrix product"
+and "Max pooling").
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..autograd import Function
+from ..backend import get_array_module
+from ._util import same_float_dtype
+
+
+# --------------------------------------------------------------------------- geometry
+def _pair(name, value):
+    """An int or a pair of ints as a pair of Python ints (``3`` -> ``(3, 3)``)."""
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        return int(value), int(value)
+    if (isinstance(value, (tuple, list)) and len(value) == 2
+            and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in value)):
+        return int(value[0]), int(value[1])
+    raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+
+
+def _out_size(size, kernel, stride, padding, dilation):
+    """How many window positions fit along one axis (PyTorch's formula, floor mode)."""
+    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def _tap(offset, dilation, stride, n_out):
+    """The slice of the padded input that kernel tap ``offset`` reads, over all outputs.
+
+    Output position p reads padded index ``p * stride + offset * dilation``, so over
+    p = 0 .. n_out-1 the tap reads ``start, start + stride, ...``: a strided slice.
+    """
+    start = offset * dilation
+    return slice(start, start + stride * (n_out - 1) + 1, stride)
+
+
+def _is_pointwise(kernel, stride, padding):
+    """A 1x1 kernel with stride 1 and no padding: the input already *is* its column matrix."""
+    return kernel == (1, 1) and stride == (1, 1) and padding == (0, 0)
+
+
+# --------------------------------------------------------------------------- im2col / col2im
+def im2col(x, kernel, stride, padding, dilation):
+    """Unfold every receptive field of ``x`` into a column.
+
+    Args:
+        x: array (N, C, H, W).
+        kernel, stride, padding, dilation: pairs of ints (kh, kw), (s_h, s_w), ...
+
+    Returns:
+        cols (N, C*kh*kw, H_out*W_out) with
+        ``cols[n, (c, i, j), (p, q)] = x_pad[n, c, p*s_h + i*d_h, q*s_w + j*d_w]``,
+        rows ordered (c, i, j) like ``weight.reshape(C_out, -1)``. For a pointwise
+        (1x1, stride 1, no padding) convolution this is a view of ``x``: no copy.
+    """
+    xp = get_array_module(x)
+    N, C, H, W = x.shape
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel, stride, padding, dilation
+    if _is_pointwise(kernel, stride, padding):
+        return x.reshape(N, C, H * W)                                  # (N, C, H*W)
+    H_out, W_out = _out_size(H, kh, sh, ph, dh), _out_size(W, kw, sw, pw, dw)
+    x_pad = xp.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw))) if ph or pw else x
+    # x_pad: (N, C, H+2ph, W+2pw)
+    cols = xp.empty((N, C, kh, kw, H_out, W_out), dtype=x.dtype)
+    for i in range(kh):
+        for j in range(kw):
+            ys, xs = _tap(i, dh, sh, H_out), _tap(j, dw, sw, W_out)
+            cols[:, :, i, j] = x_pad[:, :, ys, xs]                     # (N, C, H_out, W_out)
+    return cols.reshape(N, C * kh * kw, H_out * W_out)                 # (N, C*kh*kw, L)
+
+
+def col2im(cols, x_shape, kernel, stride, padding, dilation):
+    """Fold columns back onto the image, summing overlaps: the adjoint of :func:`im2col`.
+
+    ``col2im(im2col(.))`` is not the identity: a pixel that lies in k receptive fields
+    is counted k times. That sum is exactly the gradient of im2col.
+
+    Args:
+        cols: array (N, C*kh*kw, H_out*W_out), e.g. the gradient of the column matrix.
+        x_shape: (N, C, H, W), the shape of the image the columns came from.
+
+    Returns:
+        array (N, C, H, W).
+    """
+    xp = get_array_module(cols)
+    N, C, H, W = x_shape
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel, stride, padding, dilation
+    if _is_pointwise(kernel, stride, padding):
+        return cols.reshape(N, C, H, W)
+    H_out, W_out = _out_size(H, kh, sh, ph, dh), _out_size(W, kw, sw, pw, dw)
+    cols = cols.reshape(N, C, kh, kw, H_out, W_out)
+    image_pad = xp.zeros((N, C, H + 2 * ph, W + 2 * pw), dtype=cols.dtype)
+    for i in range(kh):
+        for j in range(kw):
+            ys, xs = _tap(i, dh, sh, H_out), _tap(j, dw, sw, W_out)
+            # Within one tap the slice hits distinct pixels, so a plain += is a correct
+            # scatter-add; overlaps between taps accumulate over the loop.
+            image_pad[:, :, ys, xs] += cols[:, :, i, j]                # (N, C, H_out, W_out)
+    return image_pad[:, :, ph:ph + H, pw:pw + W]                       # (N, C, H, W)
+
+
+# --------------------------------------------------------------------------- conv2d
+class Conv2d(Function):
+    """out = W @ im2col(x) + b, batched over N.
+
+    Backward (derivation in docs/autograd.md):
+        grad_x = col2im(W^T @ grad_out)
+        grad_W = sum_n grad_out[n] @ cols[n]^T
+        grad_b = sum over n and pixels of grad_out
+    Forward saves ``x`` (not ``cols``): the column matrix is kh*kw times larger than the
+    image, so backward rebuilds it, trading one cheap copy for a lot of memory.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, stride, padding, dilation):
+        N = x.shape[0]
+        C_out, _, kh, kw = weight.shape
+        geometry = ((kh, kw), stride, padding, dilation)
+        cols = im2col(x, *geometry)                                    # (N, C_in*kh*kw, L)
+        out = weight.reshape(C_out, -1) @ cols                         # (N, C_out, L)
+        if bias is not None:
+            out += bias[:, None]
+        ctx.save_for_backward(x, weight)
+        ctx.geometry = geometry
+        H_out = _out_size(x.shape[2], kh, stride[0], padding[0], dilation[0])
+        W_out = _out_size(x.shape[3], kw, stride[1], padding[1], dilation[1])
+        return out.reshape(N, C_out, H_out, W_out)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        N, C_out = grad.shape[:2]
+        g = grad.reshape(N, C_out, -1)                                 # (N, C_out, L)
+        grad_x = grad_w = grad_b = None
+        if need_x:
+            grad_cols = weight.reshape(C_out, -1).T @ g                # (N, C_in*kh*kw, L)
+            grad_x = col2im(grad_cols, x.shape, *ctx.geometry)         # (N, C_in, H, W)
+        if need_w:
+            cols = im2col(x, *ctx.geometry)                            # (N, C_in*kh*kw, L)
+            grad_w = (g @ cols.transpose(0, 2, 1)).sum(axis=0)         # (C_out, C_in*kh*kw)
+            grad_w = grad_w.reshape(weight.shape)                      # (C_out, C_in, kh, kw)
+        if need_b:
+            grad_b = g.sum(axis=(0, 2))                                # (C_out,)
+        return grad_x, grad_w, grad_b, None, None, None
+
+
+def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1):
+    """2-D cross-correlation (PyTorch's ``conv2d``), with zero padding.
+
+    Args:
+        x: Tensor or array (N, C_in, H, W).
+        weight: Tensor or array (C_out, C_in, kh, kw).
+        bias: Tensor or array (C_out,), or None.
+        stride, padding, dilation: int or pair of ints (height, width).
+
+    Returns:
+        Tensor (N, C_out, H_out, W_out).
+
+    Shapes: see the module docstring. A 1x1 kernel with stride 1 and no padding is a
+    plain matrix product over channels (the image is used as its own column matrix).
+    """
+    stride, padding, dilation = (_pair("stride", stride), _pair("padding", padding),
+                                 _pair("dilation", dilation))
+    if min(stride) < 1 or min(dilation) < 1 or min(padding) < 0:
+        raise ValueError(f"conv2d: need stride >= 1, dilation >= 1, padding >= 0; got "
+                         f"stride={stride}, padding={padding}, dilation={dilation}")
+    if x.ndim != 4:
+        raise ValueError(f"conv2d: x must be (N, C_in, H, W), got shape {tuple(x.shape)}")
+    if weight.ndim != 4:
+        raise ValueError(f"conv2d: weight must be (C_out, C_in, kh, kw), got shape "
+                         f"{tuple(weight.shape)}")
+    if weight.shape[1] != x.shape[1]:
+        raise ValueError(f"conv2d: weight {tuple(weight.shape)} expects {weight.shape[1]} input "
+                         f"channels but x {tuple(x.shape)} has {x.shape[1]}")
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"conv2d: bias must have shape ({weight.shape[0]},), got "
+                         f"{tuple(bias.shape)}")
+    kh, kw = weight.shape[2:]
+    H_out = _out_size(x.shape[2], kh, stride[0], padding[0], dilation[0])
+    W_out = _out_size(x.shape[3], kw, stride[1], padding[1], dilation[1])
+    if H_out < 1 or W_out < 1:
+        raise ValueError(f"conv2d: kernel {(kh, kw)} with dilation {dilation} does not fit in "
+                         f"the padded input {tuple(x.shape[2:])} + 2*{padding}")
+    same_float_dtype("conv2d", x, weight, bias)
+    return Conv2d.apply(x, weight, bias, stride, padding, dilation)
+
+
+# --------------------------------------------------------------------------- max_pool2d
+class MaxPool2d(Function):
+    """The maximum of every window; the gradient goes to the element that won.
+
+    Forward is one elementwise maximum per kernel tap. Backward finds, per window, the
+    first tap (in row-major order) whose value equals the maximum -- PyTorch's choice on
+    ties -- and sends the output gradient to that pixel; a pixel that wins several
+    overlapping windows collects several gradients. Finding the winners in backward
+    keeps forward cheap when no gradient is needed (the frozen ResNet stem).
+    """
+
+    @staticmethod
+    def forward(ctx, x, kernel, stride, padding):
+        (kh, kw), (sh, sw), (ph, pw) = kernel, stride, padding
+        H_out, W_out = _out_size(x.shape[2], kh, sh, ph, 1), _out_size(x.shape[3], kw, sw, pw, 1)
+        x_pad = _pad_with_minus_inf(x, padding)                        # (N, C, H+2ph, W+2pw)
+        out = None
+        for i in range(kh):
+            for j in range(kw):
+                window_ij = x_pad[:, :, _tap(i, 1, sh, H_out), _tap(j, 1, sw, W_out)]
+                out = window_ij.copy() if out is None else ctx.xp.maximum(out, window_ij)
+        ctx.save_for_backward(x, out)
+        ctx.geometry = (kernel, stride, padding)
+        return out                                                     # (N, C, H_out, W_out)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, out = ctx.saved_tensors
+        (kh, kw), (sh, sw), (ph, pw) = ctx.geometry
+        xp = ctx.xp
+        N, C, H, W = x.shape
+        H_out, W_out = out.shape[2:]
+        x_pad = _pad_with_minus_inf(x, (ph, pw))
+        grad_pad = xp.zeros(x_pad.shape, dtype=grad.dtype)             # (N, C, H+2ph, W+2pw)
+        found = xp.zeros(out.shape, dtype=bool)                        # winner already seen?
+        for i in range(kh):
+            for j in range(kw):
+                ys, xs = _tap(i, 1, sh, H_out), _tap(j, 1, sw, W_out)
+                wins = (x_pad[:, :, ys, xs] == out) & ~found           # (N, C, H_out, W_out)
+                found |= wins
+                grad_pad[:, :, ys, xs] += grad * wins
+        # Every window holds at least one real pixel (padding <= kernel/2), so the -inf
+        # padding never wins over a finite value and cropping the border drops only zeros.
+        return grad_pad[:, :, ph:ph + H, pw:pw + W], None, None, None
+
+
+def _pad_with_minus_inf(x, padding):
+    """Pad the last two axes with -inf (which never wins a maximum)."""
+    ph, pw = padding
+    if not (ph or pw):
+        return x
+    xp = get_array_module(x)
+    return xp.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)), constant_values=-np.inf)
+
+
+def max_pool2d(x, kernel_size, stride=None, padding=0):
+    """2-D max pooling with -inf padding (PyTorch semantics, floor mode, no dilation).
+
+    Args:
+        x: Tensor or array (N, C, H, W), floating point.
+        kernel_size: int or pair.
+        stride: int or pair; default ``kernel_size`` (non-overlapping windows).
+        padding: int or pair, at most half the kernel size (as PyTorch requires).
+
+    Returns:
+        Tensor (N, C, H_out, W_out), H_out = floor((H + 2*pad - k) / stride) + 1.
+        The ResNet stem uses ``max_pool2d(x, 3, 2, 1)``: (N, 64, 400, 533) -> (N, 64, 200, 267).
+    """
+    kernel = _pair("kernel_size", kernel_size)
+    stride = kernel if stride is None else _pair("stride", stride)
+    padding = _pair("padding", padding)
+    if x.ndim != 4:
+        raise ValueError(f"max_pool2d: x must be (N, C, H, W), got shape {tuple(x.shape)}")
+    if x.dtype.kind != "f":
+        raise TypeError(f"max_pool2d: x must be floating point, got {x.dtype}")
+    if min(kernel) < 1 or min(stride) < 1:
+        raise ValueError(f"max_pool2d: kernel_size and stride must be >= 1, got {kernel}, {stride}")
+    if not all(0 <= p <= k // 2 for p, k in zip(padding, kernel)):
+        raise ValueError(f"max_pool2d: padding {padding} must be between 0 and half the "
+                         f"kernel size {kernel}")
+    H_out = _out_size(x.shape[2], kernel[0], stride[0], padding[0], 1)
+    W_out = _out_size(x.shape[3], kernel[1], stride[1], padding[1], 1)
+    if H_out < 1 or W_out < 1:
+        raise ValueError(f"max_pool2d: kernel {kernel} does not fit in the padded input "
+                         f"{tuple(x.shape[2:])} + 2*{padding}")
+    return MaxPool2d.apply(x, kernel, stride, padding)

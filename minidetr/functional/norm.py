@@ -1,4 +1,231 @@
-"""PLACEHOLDER: being written (layers helper)."""
-def layer_norm(x, weight=None, bias=None, eps=1e-5): raise NotImplementedError
-def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5): raise NotImplementedError
-def frozen_batch_norm(x, weight, bias, running_mean, running_var, eps=1e-5): raise NotImplementedError
+"""Normalisation layers: layer norm, group norm and frozen batch norm.
+
+Layer norm and group norm share one core, *standardisation* over the last axis::
+
+    mu    = mean(x)                     var = mean((x - mu)^2)     (biased, 1/n, like PyTorch)
+    rstd  = 1 / sqrt(var + eps)         x_hat = (x - mu) * rstd
+
+whose backward has the compact closed form (derivation in ``docs/autograd.md``)::
+
+    grad_x = rstd * (g - mean(g) - x_hat * mean(g * x_hat)),     g = dL/dx_hat
+
+Layer norm standardises each row over its last axis (C). Group norm reshapes
+(N, C, *) to (N, G, C/G * prod(*)) and standardises each group. Both then apply an
+affine map per channel. Frozen batch norm (the ResNet backbone's) is only an affine map
+per channel with constants taken from running statistics.
+
+Shapes:
+    layer_norm         x (..., C),      weight, bias (C,)
+    group_norm         x (N, C, *),     weight, bias (C,), C divisible by num_groups
+    frozen_batch_norm  x (N, C, *),     weight, bias, running_mean, running_var (C,)
+"""
+from __future__ import annotations
+
+from ..autograd import Function, Tensor
+from ..backend import get_array_module
+from ._util import same_float_dtype
+
+
+# --------------------------------------------------------------------------- shared core
+def _standardize(x, eps):
+    """(x - mean) / sqrt(var + eps) over the last axis; returns ``x_hat`` and ``rstd``.
+
+    Shapes: x (..., n) -> x_hat (..., n), rstd (..., 1).
+    """
+    xp = get_array_module(x)
+    mu = x.mean(axis=-1, keepdims=True)                                # (..., 1)
+    centered = x - mu
+    var = (centered * centered).mean(axis=-1, keepdims=True)           # (..., 1), biased
+    rstd = 1 / xp.sqrt(var + eps)                                      # (..., 1)
+    return centered * rstd, rstd
+
+
+def _standardize_backward(g, x_hat, rstd):
+    """dL/dx from g = dL/dx_hat, for x_hat = standardize(x) over the last axis.
+
+    Shapes: g, x_hat (..., n), rstd (..., 1) -> (..., n).
+    """
+    g_mean = g.mean(axis=-1, keepdims=True)                            # (..., 1)
+    gx_mean = (g * x_hat).mean(axis=-1, keepdims=True)                 # (..., 1)
+    return rstd * (g - g_mean - x_hat * gx_mean)
+
+
+def _check_param(fn, name, p, C):
+    if p is not None and tuple(p.shape) != (C,):
+        raise ValueError(f"{fn}: {name} must have shape ({C},), got {tuple(p.shape)}")
+
+
+# --------------------------------------------------------------------------- layer norm
+class LayerNorm(Function):
+    """y = x_hat * weight + bias, x_hat standardised over the last axis."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps):
+        x_hat, rstd = _standardize(x, eps)                             # (..., C), (..., 1)
+        y = x_hat if weight is None else x_hat * weight
+        if bias is not None:
+            y = y + bias
+        ctx.save_for_backward(x_hat, rstd, weight)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        x_hat, rstd, weight = ctx.saved_tensors
+        need_x, need_w, need_b, _ = ctx.needs_input_grad
+        batch_axes = tuple(range(grad.ndim - 1))                       # all but C
+        grad_x = grad_w = grad_b = None
+        if need_x:
+            g = grad if weight is None else grad * weight              # dL/dx_hat
+            grad_x = _standardize_backward(g, x_hat, rstd)
+        if need_w:
+            grad_w = (grad * x_hat).sum(axis=batch_axes)               # (C,)
+        if need_b:
+            grad_b = grad.sum(axis=batch_axes)                         # (C,)
+        return grad_x, grad_w, grad_b, None
+
+
+def layer_norm(x, weight=None, bias=None, eps=1e-5):
+    """Layer normalisation over the last axis (PyTorch ``F.layer_norm(x, (C,), ...)``).
+
+    Args:
+        x: Tensor or array (..., C).
+        weight, bias: Tensors or arrays (C,), or None (no scale / no shift).
+        eps: added to the variance.
+
+    Returns:
+        Tensor (..., C).
+    """
+    if x.ndim < 1:
+        raise ValueError("layer_norm: x must have at least one axis")
+    C = x.shape[-1]
+    _check_param("layer_norm", "weight", weight, C)
+    _check_param("layer_norm", "bias", bias, C)
+    same_float_dtype("layer_norm", x, weight, bias)
+    return LayerNorm.apply(x, weight, bias, float(eps))
+
+
+# --------------------------------------------------------------------------- group norm
+def _channel_shape(x):
+    """Shape that broadcasts a (C,) vector over (N, C, *): (C, 1, ..., 1)."""
+    return (x.shape[1],) + (1,) * (x.ndim - 2)
+
+
+class GroupNorm(Function):
+    """Standardise each group of C/G channels (over channels and pixels), then affine."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, num_groups, eps):
+        N = x.shape[0]
+        x_hat, rstd = _standardize(x.reshape(N, num_groups, -1), eps)  # (N, G, C/G*HW), (N, G, 1)
+        x_hat = x_hat.reshape(x.shape)                                 # (N, C, *)
+        y = x_hat if weight is None else x_hat * weight.reshape(_channel_shape(x))
+        if bias is not None:
+            y = y + bias.reshape(_channel_shape(x))
+        ctx.save_for_backward(x_hat, rstd, weight)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        x_hat, rstd, weight = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        N, G = rstd.shape[:2]
+        sum_axes = (0,) + tuple(range(2, grad.ndim))                   # all but C
+        grad_x = grad_w = grad_b = None
+        if need_x:
+            g = grad if weight is None else grad * weight.reshape(_channel_shape(grad))
+            grad_x = _standardize_backward(g.reshape(N, G, -1),        # (N, G, C/G*HW)
+                                           x_hat.reshape(N, G, -1), rstd)
+            grad_x = grad_x.reshape(grad.shape)                        # (N, C, *)
+        if need_w:
+            grad_w = (grad * x_hat).sum(axis=sum_axes)                 # (C,)
+        if need_b:
+            grad_b = grad.sum(axis=sum_axes)                           # (C,)
+        return grad_x, grad_w, grad_b, None, None
+
+
+def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5):
+    """Group normalisation (Wu & He, 2018), PyTorch ``F.group_norm`` semantics.
+
+    The C channels are split into ``num_groups`` groups of consecutive channels; each
+    (sample, group) is standardised over its channels and all its pixels, then every
+    channel gets its own scale and shift.
+
+    Args:
+        x: Tensor or array (N, C, *), e.g. (N, C, H, W).
+        num_groups: G, a divisor of C (Deformable DETR uses GN(32, 256)).
+        weight, bias: Tensors or arrays (C,), or None.
+        eps: added to the variance.
+
+    Returns:
+        Tensor (N, C, *).
+    """
+    if x.ndim < 2:
+        raise ValueError(f"group_norm: x must be (N, C, *), got shape {tuple(x.shape)}")
+    C = x.shape[1]
+    if not isinstance(num_groups, int) or num_groups < 1 or C % num_groups:
+        raise ValueError(f"group_norm: num_groups={num_groups!r} must be a positive divisor "
+                         f"of the {C} channels of x {tuple(x.shape)}")
+    _check_param("group_norm", "weight", weight, C)
+    _check_param("group_norm", "bias", bias, C)
+    same_float_dtype("group_norm", x, weight, bias)
+    return GroupNorm.apply(x, weight, bias, num_groups, float(eps))
+
+
+# --------------------------------------------------------------------------- frozen batch norm
+class FrozenBatchNorm(Function):
+    """y = x * scale + shift per channel, with constant statistics.
+
+    scale = weight / sqrt(running_var + eps), shift = bias - running_mean * scale
+    (torchvision's / DETR's FrozenBatchNorm2d). The statistics are constants; weight
+    and bias get gradients when they require them (in DETR they never do).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_var, eps):
+        xp = ctx.xp
+        rstd = 1 / xp.sqrt(running_var + eps)                          # (C,)
+        scale = weight * rstd
+        shift = bias - running_mean * scale
+        shape = _channel_shape(x)                                      # (C, 1, ..., 1)
+        ctx.save_for_backward(x, scale, rstd, running_mean)
+        return x * scale.reshape(shape) + shift.reshape(shape)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, scale, rstd, running_mean = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        shape = _channel_shape(grad)
+        sum_axes = (0,) + tuple(range(2, grad.ndim))                   # all but C
+        grad_x = grad_w = grad_b = None
+        if need_x:
+            grad_x = grad * scale.reshape(shape)
+        if need_w:   # y = (x - mean) * weight * rstd + bias
+            grad_w = (grad * (x - running_mean.reshape(shape))).sum(axis=sum_axes) * rstd
+        if need_b:
+            grad_b = grad.sum(axis=sum_axes)
+        return grad_x, grad_w, grad_b, None, None, None
+
+
+def frozen_batch_norm(x, weight, bias, running_mean, running_var, eps=1e-5):
+    """Batch norm with frozen statistics and affine: ``x * scale + shift`` per channel.
+
+    Args:
+        x: Tensor or array (N, C, *).
+        weight, bias: Tensors or arrays (C,) (the BN affine, usually frozen buffers).
+        running_mean, running_var: Tensors or arrays (C,): constants, never differentiated.
+        eps: 1e-5 as in torchvision/DETR.
+
+    Returns:
+        Tensor (N, C, *).
+    """
+    if x.ndim < 2:
+        raise ValueError(f"frozen_batch_norm: x must be (N, C, *), got shape {tuple(x.shape)}")
+    C = x.shape[1]
+    stats = [s.data if isinstance(s, Tensor) else s for s in (running_mean, running_var)]
+    for name, p in zip(("weight", "bias", "running_mean", "running_var"),
+                       (weight, bias, *stats)):
+        if p is None:
+            raise ValueError(f"frozen_batch_norm: {name} is required")
+        _check_param("frozen_batch_norm", name, p, C)
+    same_float_dtype("frozen_batch_norm", x, weight, bias, *stats)
+    return FrozenBatchNorm.apply(x, weight, bias, *stats, float(eps))
