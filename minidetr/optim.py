@@ -1,0 +1,272 @@
+"""The optimiser side of training: AdamW, gradient-norm clipping and a step schedule.
+
+AdamW (Loshchilov & Hutter), exactly as PyTorch's ``torch.optim.AdamW`` computes it. For
+a parameter p with gradient g at step t (t = 1, 2, ...)::
+
+    p   <- p * (1 - lr * weight_decay)          decoupled weight decay, before Adam
+    m   <- beta1 * m + (1 - beta1) * g          first moment  (exp_avg)
+    v   <- beta2 * v + (1 - beta2) * g^2        second moment (exp_avg_sq)
+    m^  =  m / (1 - beta1^t)                    bias corrections
+    p   <- p - lr * m^ / (sqrt(v) / sqrt(1 - beta2^t) + eps)
+
+A parameter without a gradient (``p.grad is None``: frozen, or unused this step) is left
+alone: no decay and no step count.
+
+Parameter groups give different hyper-parameters to different parameters (Deformable
+DETR trains the backbone and the sampling offsets with a 10x smaller lr)::
+
+    AdamW([{"params": main, "name": "main"},
+           {"params": backbone, "lr": 2e-5, "name": "backbone"}],
+          lr=2e-4, weight_decay=1e-4)
+
+All updates happen in place on ``p.data`` and the moments live on the parameter's device
+(NumPy or CuPy), in its dtype. ``state_dict()`` holds only NumPy arrays and Python
+numbers, so a checkpoint written on a GPU resumes on a CPU and vice versa.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+
+import numpy as np
+
+from .autograd import Tensor
+from .backend import device_of, get_array_module, to_device, to_numpy
+
+_GROUP_KEYS = ("params", "lr", "betas", "eps", "weight_decay", "name")
+
+
+# --------------------------------------------------------------------------- AdamW
+class AdamW:
+    """Adam with decoupled weight decay. See the module docstring for the update.
+
+    Args:
+        params: an iterable of Parameters, or a list of group dicts
+            ``{"params": [...], "lr": ..., "betas": ..., "eps": ..., "weight_decay": ...,
+            "name": ...}`` where every key but "params" is optional (defaults below).
+        lr, betas, eps, weight_decay: the defaults of every group.
+    """
+
+    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 1e-2):
+        self.defaults = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay}
+        self._check_hyper_parameters(self.defaults, "defaults")
+        params = list(params)
+        if not params:
+            raise ValueError("AdamW got an empty parameter list")
+        groups = params if isinstance(params[0], dict) else [{"params": params}]
+        self.param_groups = []
+        self.state = {}         # id(parameter) -> {"step": int, "exp_avg", "exp_avg_sq"}
+        for group in groups:
+            self.add_param_group(group)
+
+    # ------------------------------------------------------------------ groups
+    @staticmethod
+    def _check_hyper_parameters(group, where):
+        lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
+        for name, value in (("lr", lr), ("eps", eps), ("weight_decay", wd)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value >= 0:
+                raise ValueError(f"AdamW {where}: {name} must be a number >= 0, got {value!r}")
+        betas = group["betas"]
+        if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"AdamW {where}: betas must be two numbers in [0, 1), got {betas!r}")
+
+    def add_param_group(self, group: dict):
+        """Add a group; keys not given take the defaults. A parameter may be in one group only."""
+        if not isinstance(group, dict) or "params" not in group:
+            raise TypeError(f"a parameter group must be a dict with a 'params' entry, "
+                            f"got {group!r}")
+        unknown = sorted(set(group) - set(_GROUP_KEYS))
+        if unknown:
+            raise ValueError(f"parameter group has unknown keys {unknown}; allowed: {_GROUP_KEYS}")
+        params = group["params"]
+        params = [params] if isinstance(params, Tensor) else list(params)
+        where = f"group {len(self.param_groups)}"
+        if "name" in group:
+            where += f" ({group['name']!r})"
+        for p in params:
+            if not isinstance(p, Tensor):
+                raise TypeError(f"AdamW {where}: expected Parameters/Tensors, "
+                                f"got {type(p).__name__}")
+        seen = {id(p) for g in self.param_groups for p in g["params"]}
+        if len({id(p) for p in params}) != len(params) or any(id(p) in seen for p in params):
+            raise ValueError(f"AdamW {where}: a parameter appears twice (within or across groups)")
+        full = {**self.defaults, **{k: v for k, v in group.items() if k != "params"}}
+        full["betas"] = tuple(full["betas"])
+        self._check_hyper_parameters(full, where)
+        full["params"] = params
+        self.param_groups.append(full)
+
+    # ------------------------------------------------------------------ the update
+    def zero_grad(self):
+        """Forget every parameter's gradient (``grad = None``)."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                p.grad = None
+
+    def step(self):
+        """One AdamW update of every parameter that has a gradient (in place)."""
+        for group in self.param_groups:
+            lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                g = p.grad
+                if g is None:
+                    continue
+                state = self.state.get(id(p))
+                if state is None:
+                    xp = get_array_module(p.data)
+                    state = {"step": 0, "exp_avg": xp.zeros_like(p.data),
+                             "exp_avg_sq": xp.zeros_like(p.data)}
+                    self.state[id(p)] = state
+                state["step"] += 1
+                t = state["step"]
+                m, v = state["exp_avg"], state["exp_avg_sq"]
+
+                p.data *= 1.0 - lr * wd                     # decoupled weight decay
+                m *= beta1
+                m += (1.0 - beta1) * g                      # m = b1 m + (1 - b1) g
+                v *= beta2
+                v += (1.0 - beta2) * (g * g)                # v = b2 v + (1 - b2) g^2
+                bias_correction1 = 1.0 - beta1 ** t
+                bias_correction2 = 1.0 - beta2 ** t
+                xp = get_array_module(v)
+                denom = xp.sqrt(v) / math.sqrt(bias_correction2) + eps
+                p.data -= (lr / bias_correction1) * m / denom
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict:
+        """Plain data: per-parameter moments (NumPy copies) by index, and the groups.
+
+        Parameters are numbered in group order (0, 1, ...), as in PyTorch::
+
+            {"state": {0: {"step": 3, "exp_avg": array, "exp_avg_sq": array}, ...},
+             "param_groups": [{"lr": ..., "betas": [b1, b2], "eps": ..., "weight_decay": ...,
+                               "name": ..., "params": [0, 1, ...]}, ...]}
+        """
+        state, groups, index = {}, [], 0
+        for group in self.param_groups:
+            entry = {k: (list(v) if k == "betas" else v) for k, v in group.items() if k != "params"}
+            entry["params"] = []
+            for p in group["params"]:
+                s = self.state.get(id(p))
+                if s is not None:
+                    state[index] = {"step": int(s["step"]),
+                                    "exp_avg": np.array(to_numpy(s["exp_avg"]), copy=True),
+                                    "exp_avg_sq": np.array(to_numpy(s["exp_avg_sq"]), copy=True)}
+                entry["params"].append(index)
+                index += 1
+            groups.append(entry)
+        return {"state": state, "param_groups": groups}
+
+    def load_state_dict(self, state_dict: dict):
+        """Restore moments and hyper-parameters saved by :meth:`state_dict`.
+
+        The optimiser must have been built over the same parameters in the same order.
+        Moments are copied to each parameter's device and dtype.
+        """
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(f"AdamW.load_state_dict: the checkpoint has {len(saved_groups)} "
+                             f"parameter groups, this optimiser {len(self.param_groups)}")
+        params = []
+        for i, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
+            if len(saved["params"]) != len(group["params"]):
+                raise ValueError(f"AdamW.load_state_dict: group {i} has {len(saved['params'])} "
+                                 f"parameters in the checkpoint, {len(group['params'])} here")
+            params.extend(zip(saved["params"], group["params"]))
+        new_state = {}
+        for index, p in params:
+            s = state_dict["state"].get(index, state_dict["state"].get(str(index)))
+            if s is None:
+                continue
+            moments = {}
+            for key in ("exp_avg", "exp_avg_sq"):
+                arr = s[key]
+                if tuple(np.shape(arr)) != tuple(p.shape):
+                    raise ValueError(f"AdamW.load_state_dict: {key} of parameter {index} has "
+                                     f"shape {tuple(np.shape(arr))}, the parameter "
+                                     f"{tuple(p.shape)}")
+                moments[key] = to_device(np.array(to_numpy(arr), dtype=p.dtype, copy=True),
+                                         device_of(p.data))
+            new_state[id(p)] = {"step": int(s["step"]), **moments}
+        for saved, group in zip(saved_groups, self.param_groups):
+            for key, value in saved.items():
+                if key != "params":
+                    group[key] = tuple(value) if key == "betas" else value
+        self.state = new_state
+
+
+# --------------------------------------------------------------------------- clipping
+def clip_grad_norm_(params, max_norm: float) -> float:
+    """Scale all gradients together so that their global L2 norm is at most ``max_norm``.
+
+    total = sqrt(sum over parameters of sum(g^2)); if total > max_norm every gradient is
+    multiplied by max_norm / (total + 1e-6), in place (PyTorch's formula). Parameters
+    without a gradient are ignored. Returns the norm *before* clipping, as a float.
+    """
+    if not isinstance(max_norm, numbers.Real) or not max_norm > 0:
+        raise ValueError(f"clip_grad_norm_: max_norm must be > 0, got {max_norm!r}")
+    params = [params] if isinstance(params, Tensor) else list(params)
+    unique = {id(p): p for p in params}.values()           # a shared tensor counts once
+    grads = [p.grad for p in unique if p.grad is not None]
+    if not grads:
+        return 0.0
+    xp = get_array_module(*grads)
+    # One squared sum per parameter, accumulated in float64, then a single host transfer.
+    squares = xp.stack([xp.sum(g * g, dtype=xp.float64) for g in grads])
+    total = float(xp.sqrt(squares.sum()))
+    scale = max_norm / (total + 1e-6)
+    if scale < 1.0:
+        for g in grads:
+            g *= scale
+    return total
+
+
+# --------------------------------------------------------------------------- schedule
+class StepLR:
+    """Multiply every group's lr by ``gamma`` each ``step_size`` calls of :meth:`step`.
+
+    lr(epoch) = base_lr * gamma ** (epoch // step_size), with ``epoch`` the number of
+    ``step()`` calls so far (Deformable DETR: step_size 40 epochs, gamma 0.1).
+    """
+
+    def __init__(self, optimizer: AdamW, step_size: int, gamma: float = 0.1):
+        if isinstance(step_size, bool) or not isinstance(step_size, numbers.Integral) \
+                or step_size < 1:
+            raise ValueError(f"StepLR: step_size must be an int >= 1, got {step_size!r}")
+        if not isinstance(gamma, numbers.Real) or not gamma > 0:
+            raise ValueError(f"StepLR: gamma must be > 0, got {gamma!r}")
+        self.optimizer = optimizer
+        self.step_size = int(step_size)
+        self.gamma = float(gamma)
+        self.base_lrs = [group["lr"] for group in optimizer.param_groups]
+        self.last_epoch = 0
+
+    def _set_lrs(self):
+        factor = self.gamma ** (self.last_epoch // self.step_size)
+        for group, base in zip(self.optimizer.param_groups, self.base_lrs):
+            group["lr"] = base * factor
+
+    def step(self):
+        """Advance one epoch (or one step) and update the optimiser's learning rates."""
+        self.last_epoch += 1
+        self._set_lrs()
+
+    def get_last_lr(self) -> list:
+        """The learning rate of every group, as now set in the optimiser."""
+        return [group["lr"] for group in self.optimizer.param_groups]
+
+    def state_dict(self) -> dict:
+        return {"step_size": self.step_size, "gamma": self.gamma,
+                "last_epoch": self.last_epoch, "base_lrs": list(self.base_lrs)}
+
+    def load_state_dict(self, state_dict: dict):
+        if len(state_dict["base_lrs"]) != len(self.optimizer.param_groups):
+            raise ValueError(f"StepLR.load_state_dict: {len(state_dict['base_lrs'])} base lrs "
+                             f"for {len(self.optimizer.param_groups)} parameter groups")
+        self.step_size = int(state_dict["step_size"])
+        self.gamma = float(state_dict["gamma"])
+        self.last_epoch = int(state_dict["last_epoch"])
+        self.base_lrs = list(state_dict["base_lrs"])
+        self._set_lrs()
