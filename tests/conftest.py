@@ -55,3 +55,17 @@ def shared_dir():
 def rng():
     """A seeded NumPy generator; the seed is in the test id through the fixture's name."""
     return np.random.default_rng(12345)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """One line per distinct skip reason, with a count (instead of one line per test)."""
+    from collections import Counter
+    reasons = Counter()
+    for rep in terminalreporter.stats.get("skipped", []):
+        longrepr = rep.longrepr
+        reason = longrepr[2] if isinstance(longrepr, tuple) else str(longrepr)
+        reasons[reason.removeprefix("Skipped: ")] += 1
+    if reasons:
+        terminalreporter.write_sep("-", "skipped tests, by reason")
+        for reason, n in reasons.most_common():
+            terminalreporter.write_line(f"{n:5d} x {reason}")
