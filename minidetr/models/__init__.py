@@ -10,3 +10,7 @@ from .box_ops import (box_area, box_cxcywh_to_xyxy, box_iou, box_xyxy_to_cxcywh,
 from .matcher import HungarianMatcher, match_single  # noqa: F401
 from .criterion import SetCriterion, build_weight_dict, sigmoid_focal_loss, total_loss  # noqa: F401
 from .postprocess import PostProcess  # noqa: F401
+from .config import ModelConfig, get_config  # noqa: F401
+from .deformable_transformer import DeformableTransformer  # noqa: F401
+from .deformable_detr import DeformableDETR  # noqa: F401
+from .build import build_criterion, build_model, build_postprocess  # noqa: F401

@@ -24,7 +24,8 @@ from .embedding import Embedding  # noqa: F401
 from .activation import Dropout, Identity, ReLU  # noqa: F401
 from .mlp import MLP  # noqa: F401
 from .attention import MultiheadAttention  # noqa: F401
+from .msdeform_attn import MSDeformAttn  # noqa: F401
 
 __all__ = ["Parameter", "Module", "ModuleList", "Sequential", "LoadResult", "Linear", "Conv2d",
            "LayerNorm", "GroupNorm", "FrozenBatchNorm2d", "Embedding", "Dropout", "ReLU",
-           "Identity", "MLP", "MultiheadAttention", "init"]
+           "Identity", "MLP", "MultiheadAttention", "MSDeformAttn", "init"]
