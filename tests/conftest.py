@@ -8,6 +8,11 @@
 from __future__ import annotations
 
 import os
+
+# The tests use tiny arrays: BLAS threads only fight over the CI machine's two cores (and
+# pytest-xdist already runs two workers). Set before NumPy is imported.
+for _var in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
 from pathlib import Path
 
 import numpy as np
