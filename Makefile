@@ -8,12 +8,13 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test venv bench clean help
+.PHONY: demo test venv bench notebooks clean help
 
 help:
 	@echo "make demo   - run the main job (training demo)"
 	@echo "make test   - run the whole test suite"
 	@echo "make bench  - run the deformable-attention benchmark"
+	@echo "make notebooks - re-execute every notebook (notebooks/*.py -> .ipynb with outputs)"
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,6 +32,9 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m minidetr bench msda
+
+notebooks: $(STAMP)
+	$(PY) -m minidetr.notebook_tools build
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info
