@@ -1,18 +1,358 @@
-"""The command line: ``python -m minidetr <command> ...``.
+"""The command line: ``python -m minidetr <command> ...`` (``--help`` on any command).
 
 Commands:
-    demo    the main job (until the detector demo exists: the small training example)
-    bench   benchmarks, e.g. ``bench msda`` (multi-scale deformable attention)
+    demo                the main job: shapes data -> train the tiny model -> COCO metrics
+    train               train (or ``--resume``) on the shapes data or any COCO-format set
+    eval                COCO box AP of a checkpoint on a COCO-format set
+    predict             draw a checkpoint's detections on images (PNG) and print them
+    subset              carve a small COCO subset (json, optionally images) out of a full one
+    bench               benchmarks, e.g. ``bench msda`` (multi-scale deformable attention)
+    convert-checkpoint  a released PyTorch ``.pth`` -> a minidetr ``.npz`` (needs torch)
+
+Common options: ``--device cpu|cuda|auto``, ``--config tiny|small|paper``,
+``--variant plain|refine|two-stage``, ``--data``, ``--out``, ``--epochs``, ``--resume``,
+``--overwrite``. Errors in the input (missing files, a checkpoint of another model, a
+folder that would be overwritten) end with a one-paragraph message and exit status 2; a
+non-finite loss with status 1; Ctrl-C during training saves a checkpoint and exits with 130.
 """
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
+from pathlib import Path
+from typing import NamedTuple
+
+# BLAS threads: the matrices of a model trained on a CPU here are small (d_model 64, a few
+# thousand tokens), where OpenBLAS's worker threads cost more than they give and fight with
+# the data-loading and Numba threads; on 2 busy cores one BLAS thread trains about 4x
+# faster. This must be set before NumPy is first imported (``python -m minidetr`` imports
+# nothing before this module); a value already in the environment wins.
+for _variable in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_variable, "1")
+
+from .checkpoint import CheckpointError  # noqa: E402  (after the BLAS setting)
+from .data import DatasetError  # noqa: E402
+from .engine import NonFiniteLossError  # noqa: E402
+
+CONFIGS = ("tiny", "small", "paper")
+VARIANTS = ("plain", "refine", "two-stage")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
 
+class UsageError(ValueError):
+    """Bad command-line input; the message says what to change."""
+
+
+# --------------------------------------------------------------------------- helpers
+def _folder_splits(folder):
+    """The four paths of a dataset folder in the shapes layout (checked to exist)."""
+    root = Path(folder)
+    paths = (root / "annotations" / "instances_train.json", root / "train",
+             root / "annotations" / "instances_val.json", root / "val")
+    missing = [str(p) for p in paths if not p.exists()]
+    if missing:
+        raise UsageError(f"--data {root}: a single value must be a folder with "
+                         "annotations/instances_{train,val}.json and train/, val/ image folders "
+                         f"(the shapes layout); missing {missing}. Otherwise pass --data "
+                         "ANN_JSON IMAGE_DIR")
+    return tuple(str(p) for p in paths)
+
+
+def _data_paths(values, val_values=None):
+    """``--data DIR`` (shapes layout) or ``--data ANN_JSON IMAGE_DIR --val-data ...``."""
+    from .train import DataPaths
+
+    if len(values) == 1:
+        train_ann, train_images, val_ann, val_images = _folder_splits(values[0])
+    elif len(values) == 2:
+        (train_ann, train_images), val_ann, val_images = values, None, None
+    else:
+        raise UsageError(f"--data takes a dataset folder, or ANN_JSON IMAGE_DIR; got "
+                         f"{len(values)} values")
+    if val_values is not None:
+        val_ann, val_images = val_values
+    if val_ann is None:
+        raise UsageError("--data ANN_JSON IMAGE_DIR gives the training split; also pass "
+                         "--val-data ANN_JSON IMAGE_DIR for the validation split")
+    return DataPaths(train_ann, train_images, val_ann, val_images)
+
+
+def _eval_split(values):
+    """``--data`` of eval: a folder (its val split) or ANN_JSON IMAGE_DIR."""
+    if len(values) == 1:
+        return _folder_splits(values[0])[2:]
+    if len(values) == 2:
+        return values[0], values[1]
+    raise UsageError(f"--data takes a dataset folder, or ANN_JSON IMAGE_DIR; got {len(values)} "
+                     "values")
+
+
+def _resume_dir(args):
+    """The run folder of ``--resume [RUN_DIR]`` (bare ``--resume`` means ``--out``)."""
+    if args.resume is True:
+        return Path(args.out)
+    if args.out is not None and args.out_given and Path(args.out) != Path(args.resume):
+        raise UsageError(f"--resume {args.resume} continues in its own folder; drop --out "
+                         f"{args.out} (or pass the same folder)")
+    return Path(args.resume)
+
+
+def _print_metrics(metrics, title):
+    from .evaluation import METRIC_NAMES
+
+    print(title)
+    for name in METRIC_NAMES:
+        if name in metrics:
+            print(f"  {name:5s} {metrics[name]:.4f}")
+
+
+class _Loaded(NamedTuple):
+    """A checkpoint's model, ready for eval/predict, with what came with it."""
+
+    model: object
+    postprocess: object
+    cfg: object               # ModelConfig
+    ckpt: object              # Checkpoint
+    category_map: object      # CategoryMap or None (converted checkpoints)
+    train_cfg: object         # TrainConfig (its transforms are reused for inference)
+    device: str
+
+
+def _load_model_for_inference(args) -> _Loaded:
+    """The model of ``args.checkpoint`` (or of ``--config/--variant``) with its weights."""
+    from .checkpoint import load_checkpoint, load_model_state
+    from .data import CategoryMap
+    from .models.build import build_model, build_postprocess
+    from .models.config import VARIANTS as VARIANT_FLAGS
+    from .models.config import get_config
+    from .train import TrainConfig, model_config_from_dict, resolve_device
+
+    device = resolve_device(args.device)
+    ckpt = load_checkpoint(args.checkpoint)
+    stored = model_config_from_dict(ckpt.model_config) if ckpt.model_config else None
+    if args.config is not None:
+        # a preset by name; the variant and the number of classes default to the stored ones
+        variant = args.variant or (_variant_of(stored) if stored else "plain")
+        cfg = get_config(args.config, variant)
+        if stored is not None:
+            cfg = cfg.replace(num_classes=stored.num_classes)
+    elif stored is not None:
+        # the recorded model, with another variant if asked
+        cfg = stored.replace(**VARIANT_FLAGS[args.variant]) if args.variant else stored
+    elif args.variant is not None:
+        cfg = get_config("paper", args.variant)
+    else:
+        raise UsageError(f"{ckpt.path} does not say which model it belongs to (a converted "
+                         "checkpoint?); pass --config and --variant")
+    model = build_model(cfg)
+    load_model_state(model, ckpt, cfg.to_dict())
+    if device != "cpu":
+        model.to(device)
+    model.eval()
+    category_map = (CategoryMap.from_dict(ckpt.category_map) if ckpt.category_map else None)
+    train_cfg = (TrainConfig.from_dict(ckpt.train_config) if ckpt.train_config
+                 else TrainConfig(transforms="paper"))
+    return _Loaded(model, build_postprocess(cfg), cfg, ckpt, category_map, train_cfg, device)
+
+
+def _variant_of(cfg):
+    return "two-stage" if cfg.two_stage else "refine" if cfg.with_box_refine else "plain"
+
+
+def _image_files(inputs):
+    files = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            found = sorted(q for q in p.iterdir() if q.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                raise UsageError(f"{p}: no image files ({', '.join(IMAGE_SUFFIXES)}) in this "
+                                 "folder")
+            files.extend(found)
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise UsageError(f"image not found: {p}")
+    return files
+
+
+# --------------------------------------------------------------------------- commands
 def _cmd_demo(args):
-    from .examples import run_demo
-    return run_demo(steps=args.steps, seed=args.seed, out_dir=args.out)
+    from .train import run_demo
+
+    out = args.out or ("runs/demo-quick" if args.quick else "runs/demo")
+    if args.resume not in (None, True) and Path(args.resume) != Path(out):
+        out = args.resume
+    overrides = {}
+    if args.lr is not None:
+        overrides.update(lr=args.lr, lr_backbone=args.lr)
+    if args.train_images is not None:
+        overrides["max_train_images"] = args.train_images
+    if args.val_images is not None:
+        overrides["max_val_images"] = args.val_images
+    if args.size is not None:
+        overrides.update(scaled_resolution(args.size))
+    final = run_demo(out, quick=args.quick, data_dir=args.data_dir, variant=args.variant,
+                     epochs=args.epochs, device=args.device, overwrite=args.overwrite,
+                     resume=args.resume is not None, progress=not args.no_progress,
+                     train_overrides=overrides)
+    return 0 if final else 130
+
+
+def scaled_resolution(size):
+    """Training/validation sizes of the ``tiny`` preset scaled to a validation side ``size``."""
+    from .data import PRESETS
+
+    tiny = PRESETS["tiny"]
+    factor = size / tiny.val_size
+    return {"val_size": int(size), "max_size": int(round(tiny.max_size * factor)),
+            "train_scales": tuple(int(round(s * factor)) for s in tiny.scales)}
+
+
+def _cmd_train(args):
+    from .data import CategoryMap, generate_shapes_dataset, load_coco_json
+    from .models.config import get_config
+    from .train import (DEMO, DataPaths, TrainConfig, resume_training, run_training)
+
+    progress = not args.no_progress
+    if args.resume is not None:
+        data = _data_paths(args.data, args.val_data) if args.data else None
+        result = resume_training(_resume_dir(args), epochs=args.epochs, data=data,
+                                 device=args.device, progress=progress)
+    else:
+        if args.data:
+            data = _data_paths(args.data, args.val_data)
+        else:
+            print(f"no --data: using the built-in shapes dataset in {DEMO.data_dir}")
+            data = DataPaths.from_shapes(generate_shapes_dataset(
+                DEMO.data_dir, DEMO.num_train, DEMO.num_val, (DEMO.image_size,) * 2,
+                progress=progress))
+        categories = CategoryMap.from_coco(load_coco_json(data.train_annotations),
+                                           args.label_map)
+        model_cfg = get_config(args.config, args.variant, num_classes=categories.num_classes,
+                               seed=args.seed)
+        train_cfg = TrainConfig(
+            epochs=args.epochs or 50, lr=args.lr, lr_backbone=args.lr_backbone,
+            weight_decay=args.weight_decay, clip_max_norm=args.clip_max_norm,
+            lr_drop=args.lr_drop, batch_size=args.batch_size, num_workers=args.num_workers,
+            seed=args.seed, transforms=args.transforms or args.config,
+            label_map=args.label_map, max_train_images=args.max_train_images,
+            max_val_images=args.max_val_images, eval_every=args.eval_every)
+        result = run_training(model_cfg, train_cfg, data, args.out, device=args.device,
+                              overwrite=args.overwrite, progress=progress)
+    if result.interrupted:
+        return 130
+    _print_metrics(result.final_metrics, f"final COCO metrics ({result.run_dir}):")
+    return 0
+
+
+def _val_transforms(train_cfg):
+    """The deterministic resize + normalise the model was validated with."""
+    from .data import make_transforms
+
+    return make_transforms("val", train_cfg.transforms, val_size=train_cfg.val_size,
+                           max_size=train_cfg.max_size)
+
+
+def _cmd_eval(args):
+    from .data import CocoDetection, DataLoader
+    from .engine import evaluate
+    from .models.build import build_criterion
+    from .train import FirstImages
+
+    if args.checkpoint is None:
+        # ``eval --data DIR CHECKPOINT``: the greedy --data took the checkpoint too
+        if args.data and len(args.data) > 1:
+            args.checkpoint = args.data.pop()
+        else:
+            raise UsageError("eval needs a checkpoint: python -m minidetr eval CHECKPOINT "
+                             "[--data ...]")
+    if args.json and Path(args.json).exists() and not args.overwrite:
+        raise UsageError(f"{args.json} already exists; pass --overwrite to replace it")
+    m = _load_model_for_inference(args)
+    if args.data:
+        ann_file, image_dir = _eval_split(args.data)
+    elif m.ckpt.extra and "data" in m.ckpt.extra:
+        ann_file = m.ckpt.extra["data"]["val_annotations"]
+        image_dir = m.ckpt.extra["data"]["val_images"]
+    else:
+        raise UsageError(f"{m.ckpt.path} does not record its validation data; pass --data")
+    dataset = CocoDetection(image_dir, ann_file, transforms=_val_transforms(m.train_cfg),
+                            label_map=m.category_map or "raw")
+    if dataset.category_map.num_classes > m.cfg.num_classes:
+        raise UsageError(f"{ann_file} needs {dataset.category_map.num_classes} class logits, "
+                         f"the model has {m.cfg.num_classes}")
+    if args.max_images is not None:
+        dataset = FirstImages(dataset, args.max_images)
+    loader = DataLoader(dataset, args.batch_size, num_workers=args.num_workers)
+    print(f"evaluating {m.ckpt.path} on {len(dataset)} images of {ann_file} ({m.device})")
+    metrics = evaluate(m.model, build_criterion(m.cfg), m.postprocess, loader.iter_epoch(0),
+                       dataset.coco, dataset.category_map, num_steps=len(loader),
+                       device=m.device, progress=not args.no_progress, verbose=True)
+    _print_metrics(metrics, "COCO box metrics:")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _cmd_predict(args):
+    import numpy as np
+
+    from .backend import to_device
+    from .data import collate, load_rgb_image
+    from .engine import predict
+    from .visualize import draw_detections
+
+    files = _image_files(args.images)
+    pngs = [Path(args.out) / f"{f.stem}.png" for f in files]
+    if len(set(pngs)) != len(pngs):
+        raise UsageError("two input images have the same file name stem; predict them into "
+                         "separate --out folders")
+    clashes = [str(p) for p in pngs if p.exists()]
+    if clashes and not args.overwrite:
+        raise UsageError(f"{len(clashes)} output files already exist (e.g. {clashes[0]}); pass "
+                         "--overwrite to replace them, or another --out")
+    m = _load_model_for_inference(args)
+    name_of = m.category_map.name_of if m.category_map else (lambda label: f"class {label}")
+    transforms = _val_transforms(m.train_cfg)
+    for path, png in zip(files, pngs):
+        image = load_rgb_image(path)
+        size = np.array([image.height, image.width], dtype=np.int64)     # (h, w)
+        no_boxes = {"boxes": np.zeros((0, 4), np.float32), "labels": np.zeros(0, np.int64),
+                    "orig_size": size, "size": size}
+        batch = collate([transforms(image, no_boxes)])
+        det = predict(m.model, m.postprocess, to_device(batch.images, m.device),
+                      to_device(batch.mask, m.device), size[None])[0]
+        draw_detections(image, det, name_of, png, score_threshold=args.threshold,
+                        title=f"{path.name}: score >= {args.threshold}")
+        keep = det["scores"] >= args.threshold
+        print(f"{path}: {int(keep.sum())} detections -> {png}")
+        for score, label, box in zip(det["scores"][keep], det["labels"][keep],
+                                     det["boxes"][keep]):
+            print(f"  {name_of(int(label))} {score:.2f} "
+                  f"[{', '.join(f'{v:.0f}' for v in box)}]")
+    return 0
+
+
+def _cmd_subset(args):
+    from .data import make_subset
+
+    categories = None
+    if args.categories:
+        categories = [int(c) if c.strip().isdigit() else c.strip()
+                      for c in args.categories.split(",") if c.strip()]
+    summary = make_subset(args.ann_file, args.out_json, categories=categories,
+                          num_images=args.num_images, seed=args.seed, image_dir=args.image_dir,
+                          copy_images_to=args.copy_images_to, overwrite=args.overwrite)
+    print(f"wrote {summary['out_json']}: {summary['num_images']} images, "
+          f"{summary['num_annotations']} annotations, categories "
+          f"{', '.join(summary['category_names'])}"
+          + (f"; images in {summary['images_dir']}" if summary["images_dir"] else ""))
+    return 0
 
 
 def _cmd_bench(args):
@@ -23,16 +363,177 @@ def _cmd_bench(args):
     raise SystemExit(f"unknown benchmark {args.what!r}")
 
 
+def _cmd_convert(args):
+    from .checkpoint import convert_official_state_dict, save_checkpoint
+
+    dst = Path(args.dst)
+    if dst.exists() and not args.overwrite:
+        raise UsageError(f"{dst} already exists; pass --overwrite to replace it")
+    try:
+        import torch
+    except ImportError:
+        raise UsageError("convert-checkpoint reads PyTorch .pth files and needs torch, which is "
+                         "not installed (minidetr itself never needs it): pip install torch "
+                         "(the CPU build is enough), then run this command again") from None
+    import argparse as _argparse
+
+    src = Path(args.src)
+    if not src.is_file():
+        raise UsageError(f"checkpoint not found: {src}")
+    # Official checkpoints also hold their argparse.Namespace; allow just that class, so
+    # the file is read with torch's restricted (weights-only) unpickler.
+    with torch.serialization.safe_globals([_argparse.Namespace]):
+        raw = torch.load(src, map_location="cpu", weights_only=True)
+    state = raw["model"] if isinstance(raw, dict) and "model" in raw else raw
+    if not isinstance(state, dict):
+        raise UsageError(f"{src}: expected a state dict (or a dict with a 'model' entry), got "
+                         f"{type(state).__name__}")
+    arrays = {k: v.detach().cpu().numpy() for k, v in state.items() if hasattr(v, "detach")}
+    ckpt, report = convert_official_state_dict(arrays, variant=args.variant, source=str(src))
+    save_checkpoint(dst, ckpt, overwrite=args.overwrite)
+    print(report)
+    print(f"wrote {dst} ({len(ckpt.model_state)} arrays)")
+    return 0
+
+
+# --------------------------------------------------------------------------- the parser
+class _MarkGiven(argparse.Action):
+    """``--out`` that remembers whether the user gave it (for ``--resume`` checks)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        setattr(namespace, "out_given", True)
+
+
+def _common(parser, *, out_default=None, out=True, data=True, epochs=True, resume=True):
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                        help="where to compute (default: cuda when CuPy sees a GPU, else cpu)")
+    if out:
+        parser.add_argument("--out", default=out_default, action=_MarkGiven,
+                            help=f"output folder (default: {out_default})")
+        parser.set_defaults(out_given=False)
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace files of an earlier run/output (never done otherwise)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    if data:
+        parser.add_argument("--data", nargs="+", metavar="PATH",
+                            help="a dataset folder (annotations/instances_{train,val}.json, "
+                                 "train/, val/) or ANN_JSON IMAGE_DIR")
+    if epochs:
+        parser.add_argument("--epochs", type=int, default=None, help="number of epochs")
+    if resume:
+        parser.add_argument("--resume", nargs="?", const=True, default=None, metavar="RUN_DIR",
+                            help="continue the run in RUN_DIR (default: --out) from its "
+                                 "last.npz, exactly where it stopped")
+
+
+def _model_options(parser, default_config="tiny", default_variant="plain"):
+    parser.add_argument("--config", default=default_config, choices=CONFIGS,
+                        help=f"model size preset (default: {default_config})")
+    parser.add_argument("--variant", default=default_variant, choices=VARIANTS,
+                        help=f"architecture variant (default: {default_variant})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m minidetr",
                                 description="Deformable DETR in NumPy/CuPy, for learning.")
     sub = p.add_subparsers(dest="command", required=True)
 
-    d = sub.add_parser("demo", help="run the main job (training demo on built-in data)")
-    d.add_argument("--steps", type=int, default=300, help="training steps")
-    d.add_argument("--seed", type=int, default=0, help="random seed (printed)")
-    d.add_argument("--out", default="runs/demo", help="run folder for metrics and plots")
+    d = sub.add_parser("demo", help="the main job: train the tiny model on the shapes data",
+                       description="Make the built-in shapes dataset (once), train the tiny "
+                                   "Deformable DETR on it, evaluate, plot, draw predictions "
+                                   "and print the final COCO metrics.")
+    _common(d, data=False)
+    d.add_argument("--quick", action="store_true",
+                   help="a one-minute smoke run (small data and model; default --out "
+                        "runs/demo-quick)")
+    d.add_argument("--variant", default="plain", choices=VARIANTS, help="architecture variant")
+    d.add_argument("--data-dir", default=None,
+                   help="where the shapes dataset is cached (default: data/shapes, "
+                        "data/shapes-quick with --quick)")
+    d.add_argument("--train-images", type=int, default=None,
+                   help="train on the first N images only (default: all 1000)")
+    d.add_argument("--val-images", type=int, default=None,
+                   help="evaluate on the first N validation images only (default: all 200)")
+    d.add_argument("--size", type=int, default=None,
+                   help="validation image side in pixels; the training sizes scale with it "
+                        "(default 128)")
+    d.add_argument("--lr", type=float, default=None,
+                   help="learning rate of every group (default 5e-4)")
     d.set_defaults(func=_cmd_demo)
+
+    t = sub.add_parser("train", help="train a model (or --resume a run)",
+                       description="Train Deformable DETR with the official recipe (AdamW, "
+                                   "three lr groups, clipping 0.1, StepLR). Without --data: "
+                                   "the built-in shapes dataset.")
+    _common(t, out_default="runs/train")
+    _model_options(t)
+    t.add_argument("--val-data", nargs=2, metavar=("ANN_JSON", "IMAGE_DIR"),
+                   help="the validation split (with --data ANN_JSON IMAGE_DIR)")
+    t.add_argument("--lr", type=float, default=2e-4, help="learning rate (default 2e-4)")
+    t.add_argument("--lr-backbone", type=float, default=2e-5,
+                   help="backbone learning rate (default 2e-5)")
+    t.add_argument("--weight-decay", type=float, default=1e-4)
+    t.add_argument("--clip-max-norm", type=float, default=0.1,
+                   help="gradient clipping (<= 0: off; default 0.1)")
+    t.add_argument("--lr-drop", type=int, default=40, help="epochs before lr x 0.1 (default 40)")
+    t.add_argument("--batch-size", type=int, default=2)
+    t.add_argument("--num-workers", type=int, default=2, help="data-loading threads")
+    t.add_argument("--seed", type=int, default=42, help="model and data seed (printed)")
+    t.add_argument("--transforms", default=None, choices=["tiny", "small", "paper"],
+                   help="augmentation preset (default: the --config's)")
+    t.add_argument("--label-map", default="contiguous", choices=["contiguous", "raw"],
+                   help="class labels: contiguous 0..K-1, or raw COCO ids (91 logits)")
+    t.add_argument("--max-train-images", type=int, default=None)
+    t.add_argument("--max-val-images", type=int, default=None)
+    t.add_argument("--eval-every", type=int, default=1, help="evaluate every N epochs")
+    t.set_defaults(func=_cmd_train)
+
+    e = sub.add_parser("eval", help="COCO box AP of a checkpoint",
+                       description="Evaluate a checkpoint with pycocotools' COCOeval (AP, AP50, "
+                                   "AP75, APs, APm, APl). The model is the one recorded in "
+                                   "the checkpoint unless --config/--variant are given.")
+    e.add_argument("checkpoint", nargs="?",
+                   help="a .npz checkpoint or a run folder (its last.npz)")
+    _common(e, out=False, epochs=False, resume=False)
+    e.add_argument("--config", default=None, choices=CONFIGS,
+                   help="build this preset instead of the model recorded in the checkpoint")
+    e.add_argument("--variant", default=None, choices=VARIANTS,
+                   help="build this variant instead of the recorded one")
+    e.add_argument("--batch-size", type=int, default=4)
+    e.add_argument("--num-workers", type=int, default=2)
+    e.add_argument("--max-images", type=int, default=None, help="only the first N images")
+    e.add_argument("--json", default=None, help="also write the metrics to this JSON file")
+    e.set_defaults(func=_cmd_eval)
+
+    r = sub.add_parser("predict", help="draw detections on images (PNG)",
+                       description="Run a checkpoint on image files or folders; write one PNG "
+                                   "per image with boxes, class names and scores, and print "
+                                   "the detections.")
+    r.add_argument("checkpoint", help="a .npz checkpoint or a run folder (its last.npz)")
+    r.add_argument("images", nargs="+", help="image files and/or folders of images")
+    _common(r, out_default="runs/predict", data=False, epochs=False, resume=False)
+    r.add_argument("--config", default=None, choices=CONFIGS,
+                   help="build this preset instead of the model recorded in the checkpoint")
+    r.add_argument("--variant", default=None, choices=VARIANTS,
+                   help="build this variant instead of the recorded one")
+    r.add_argument("--threshold", type=float, default=0.5,
+                   help="show detections scoring at least this (default 0.5)")
+    r.set_defaults(func=_cmd_predict)
+
+    s = sub.add_parser("subset", help="carve a small COCO subset out of a full set",
+                       description="Write a COCO json with some images (and categories) of a "
+                                   "full set; optionally copy those images.")
+    s.add_argument("ann_file", help="the full COCO annotation json")
+    s.add_argument("out_json", help="where to write the subset's json")
+    s.add_argument("--categories", default=None,
+                   help="comma-separated category names or ids (default: all)")
+    s.add_argument("--num-images", type=int, default=None, help="images to draw at random")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--image-dir", default=None, help="the full set's image folder")
+    s.add_argument("--copy-images-to", default=None, help="copy the chosen images here")
+    s.add_argument("--overwrite", action="store_true")
+    s.set_defaults(func=_cmd_subset)
 
     b = sub.add_parser("bench", help="benchmarks")
     b.add_argument("what", choices=["msda"], help="what to benchmark")
@@ -44,12 +545,39 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--repeats", type=int, default=5, help="timed repetitions (median reported)")
     b.add_argument("--json", default=None, help="where to write the results as JSON")
     b.set_defaults(func=_cmd_bench)
+
+    c = sub.add_parser("convert-checkpoint",
+                       help="released PyTorch .pth -> minidetr .npz (needs torch)",
+                       description="Read an official Deformable DETR checkpoint with torch "
+                                   "(only this command imports it) and write its 'model' state "
+                                   "dict as a minidetr .npz. With --variant the keys and shapes "
+                                   "are checked against the paper model of that variant.")
+    c.add_argument("src", help="the .pth file")
+    c.add_argument("dst", help="the .npz to write")
+    c.add_argument("--variant", default=None, choices=VARIANTS,
+                   help="check against (and record) the paper model of this variant")
+    c.add_argument("--overwrite", action="store_true")
+    c.set_defaults(func=_cmd_convert)
     return p
 
 
+# --------------------------------------------------------------------------- main
 def main(argv=None) -> int:
+    from .train import RunError
+
     args = build_parser().parse_args(argv)
-    result = args.func(args)
+    try:
+        result = args.func(args)
+    except NonFiniteLossError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except (UsageError, RunError, CheckpointError, DatasetError, FileExistsError,
+            FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
     return 0 if result is None or not isinstance(result, int) else result
 
 

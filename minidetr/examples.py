@@ -10,8 +10,9 @@ Both use the pieces a detector uses: Modules, cross-entropy built from ``log_sof
 and :class:`~minidetr.optim.StepLR`. Every batch is drawn fresh from a seeded generator,
 so a falling loss means the model generalises, not that it memorised.
 
-``python -m minidetr demo`` runs :func:`run_demo`, which writes ``metrics.jsonl`` and
-``loss.png`` into its run folder.
+``python -m minidetr.examples`` runs :func:`run_demo`, which writes ``metrics.jsonl`` and
+``loss.png`` into its run folder. (The main job, ``python -m minidetr demo``, trains the
+detector itself: see :mod:`minidetr.train`.)
 """
 from __future__ import annotations
 
@@ -176,7 +177,7 @@ def _plot(histories: dict, path: Path):
     plt.close(fig)
 
 
-def run_demo(steps: int = 300, seed: int = 0, out_dir: str = "runs/demo",
+def run_demo(steps: int = 300, seed: int = 0, out_dir: str = "runs/examples",
              progress: bool = True) -> dict:
     """Train both examples, print a summary, write metrics.jsonl and loss.png to out_dir.
 
@@ -216,3 +217,7 @@ def run_demo(steps: int = 300, seed: int = 0, out_dir: str = "runs/demo",
     _plot(histories, out / "loss.png")
     print(f"  wrote {out / 'metrics.jsonl'} and {out / 'loss.png'}")
     return summary
+
+
+if __name__ == "__main__":
+    run_demo()

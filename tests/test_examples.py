@@ -6,7 +6,6 @@ import json
 import numpy as np
 
 from minidetr import examples
-from minidetr.cli import main
 
 
 def test_tiny_cnn_reaches_near_zero_loss():
@@ -48,6 +47,3 @@ def test_run_demo_writes_metrics_and_plot(tmp_path, capsys):
     assert (tmp_path / "demo" / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_cli_demo_runs(tmp_path):
-    assert main(["demo", "--steps", "3", "--seed", "2", "--out", str(tmp_path / "cli")]) == 0
-    assert (tmp_path / "cli" / "metrics.jsonl").exists()
