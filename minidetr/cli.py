@@ -8,6 +8,7 @@ Commands:
     subset              carve a small COCO subset (json, optionally images) out of a full one
     bench               benchmarks, e.g. ``bench msda`` (multi-scale deformable attention)
     convert-checkpoint  a released PyTorch ``.pth`` -> a minidetr ``.npz`` (needs torch)
+    check-reference     a converted checkpoint vs the published reference outputs
 
 Common options: ``--device cpu|cuda|auto``, ``--config tiny|small|paper``,
 ``--variant plain|refine|two-stage``, ``--data``, ``--out``, ``--epochs``, ``--resume``,
@@ -338,6 +339,25 @@ def _cmd_predict(args):
     return 0
 
 
+def _cmd_check_reference(args):
+    from .data import load_rgb_image
+    from .reference_outputs import check_reference_outputs
+
+    m = _load_model_for_inference(args)
+    variant = _variant_of(m.cfg)
+    if m.cfg.num_classes != 91 or m.cfg.backbone != "resnet50":
+        raise UsageError(f"{m.ckpt.path}: the reference outputs belong to the released R50 "
+                         f"checkpoints (paper preset, 91 classes); this checkpoint is "
+                         f"{m.cfg.backbone} with {m.cfg.num_classes} classes")
+    ok, lines = check_reference_outputs(m.model, load_rgb_image(args.image), variant, m.device)
+    print(f"{m.ckpt.path} ({variant}) on {args.image}:")
+    for line in lines:
+        print("  " + line)
+    print("all values within 1e-4 of the reference" if ok else
+          "MISMATCH: see the values marked above")
+    return 0 if ok else 1
+
+
 def _cmd_subset(args):
     from .data import make_subset
 
@@ -558,6 +578,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="check against (and record) the paper model of this variant")
     c.add_argument("--overwrite", action="store_true")
     c.set_defaults(func=_cmd_convert)
+
+    k = sub.add_parser("check-reference",
+                       help="compare a converted official checkpoint with the published outputs",
+                       description="Run a converted official R50 checkpoint on COCO val2017 "
+                                   "image 000000039769 and compare the first 3x3 logits and "
+                                   "boxes with the published reference values (tolerance "
+                                   "1e-4). Exit status 0 when all match.")
+    k.add_argument("checkpoint", help="a .npz from convert-checkpoint --variant ...")
+    k.add_argument("image", help="the path of 000000039769.jpg (COCO val2017)")
+    k.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    k.add_argument("--variant", default=None, choices=VARIANTS,
+                   help="the variant, if the checkpoint was converted without --variant")
+    k.set_defaults(func=_cmd_check_reference, config=None)
     return p
 
 
