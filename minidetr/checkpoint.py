@@ -117,6 +117,13 @@ def _encode(ckpt: Checkpoint) -> "OrderedDict[str, np.ndarray]":
 
 
 # --------------------------------------------------------------------------- saving
+def _default_file_mode() -> int:
+    """The permissions ``open()`` would give a new file (0o666 minus the umask)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def save_checkpoint(path, ckpt: Checkpoint, overwrite: bool = False) -> Path:
     """Write ``ckpt`` to ``path`` (a ``.npz`` file) atomically; return the path.
 
@@ -141,6 +148,7 @@ def save_checkpoint(path, ckpt: Checkpoint, overwrite: bool = False) -> Path:
             np.savez(f, **arrays)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, _default_file_mode())   # mkstemp makes 0600; use the usual umask
         os.replace(tmp, path)            # atomic on POSIX and Windows (same folder)
     except BaseException:                # includes KeyboardInterrupt: never leave tmp files
         if os.path.exists(tmp):

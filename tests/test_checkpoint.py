@@ -201,3 +201,13 @@ def test_convert_matches_the_official_key_list(shared_dir):
     assert ckpt.model_config["d_model"] == 256 and not ckpt.model_config["with_box_refine"]
     with pytest.raises(CheckpointError, match="transformer.decoder.bbox_embed.0.layers.0.weight"):
         convert_official_state_dict(arrays, variant="refine")
+
+
+def test_saved_checkpoint_has_the_usual_file_permissions(tmp_path):
+    import stat
+
+    path = save_checkpoint(tmp_path / "ckpt.npz",
+                           Checkpoint(model_state={"w": np.zeros(3, np.float32)}))
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask
