@@ -248,6 +248,31 @@ def load_example(index=0, folder=IMAGES, include_crowd=False):
     return ExampleImage(info["id"], image, boxes, [names[a["category_id"]] for a in anns])
 
 
+def example_to_sample(example, transform, class_names=None):
+    """A bundled picture (:func:`load_example`) through the data ``transform``.
+
+    Args:
+        example: an :class:`ExampleImage` (image (H, W, 3) in [0, 1], boxes xyxy pixels,
+            labels as category names).
+        transform: the data transforms, ending with ``Normalize`` (e.g.
+            ``Compose([Resize(250, max_size=375), Normalize()])``).
+        class_names: the model's classes; label ``i`` is ``class_names.index(name)``.
+            None labels every object 0 (when the labels do not matter).
+
+    Returns:
+        ``(image (3, h, w) float32, target)`` as the dataset gives it: the target has
+        ``boxes`` (T, 4) normalised cxcywh, ``labels`` (T,) int64 and ``size`` (h, w);
+        a list of these is what :func:`minidetr.data.collate` batches.
+    """
+    from PIL import Image
+
+    picture = Image.fromarray(np.uint8(np.rint(np.asarray(example.image) * 255)))
+    labels = [class_names.index(name) for name in example.labels] if class_names \
+        else [0] * len(example.labels)
+    return transform(picture, {"boxes": np.asarray(example.boxes, np.float32),
+                               "labels": np.asarray(labels, np.int64)})
+
+
 def make_example_images(coco_dir=REPO.parent / "shared" / "data" / "coco128", out=IMAGES,
                         image_ids=EXAMPLE_IMAGE_IDS, longest_side=EXAMPLE_LONGEST_SIDE):
     """Write the bundled pictures, their annotations and ATTRIBUTION.md into ``out``.

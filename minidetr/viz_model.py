@@ -7,8 +7,8 @@ layer after layer, a matching cost matrix and the geometry of the generalised Io
 
 Every ``show_*``/``draw_*`` function draws on a Matplotlib ``ax`` that the caller
 creates, and returns it; nothing here creates figures or changes Matplotlib's settings.
-One helper is not a drawing: :func:`example_to_sample` feeds a bundled picture to the
-model through the ordinary data transforms.
+(To feed a bundled picture to the model, see
+:func:`minidetr.notebook_tools.example_to_sample`.)
 
 Coordinates. The model speaks in *normalised* coordinates: a box (cx, cy, w, h) or a
 point (x, y) in [0, 1] relative to some extent of the picture, the valid (unpadded) image
@@ -20,7 +20,6 @@ width)``, and place normalised ``x`` at ``x * width - 0.5``, like
 =====================================  ===============================================
 function                               draws
 =====================================  ===============================================
-:func:`example_to_sample`              (no drawing) a bundled picture as a model input
 :func:`image_for_display`              a normalised (3, H, W) array back to (H, W, 3)
 :func:`show_image`                     a picture, its padding shaded
 :func:`draw_boxes`                     normalised cxcywh boxes as rectangles
@@ -42,9 +41,9 @@ from .backend import to_numpy
 from .data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from .viz import to_pixels
 
-__all__ = ["LEVEL_COLOURS", "example_to_sample", "image_for_display", "show_image",
-           "draw_boxes", "draw_points", "draw_sampling_points_on_image",
-           "draw_box_trajectory", "draw_cost_matrix", "draw_giou"]
+__all__ = ["LEVEL_COLOURS", "image_for_display", "show_image", "draw_boxes", "draw_points",
+           "draw_sampling_points_on_image", "draw_box_trajectory", "draw_cost_matrix",
+           "draw_giou"]
 
 # one colour per feature level (C3, C4, C5, the extra level, ...)
 LEVEL_COLOURS = ("tab:red", "tab:orange", "tab:green", "tab:blue", "tab:purple", "tab:brown")
@@ -65,31 +64,6 @@ def _keep_view(ax):
     if has_picture:
         ax.set_xlim(xlim)
         ax.set_ylim(ylim)
-
-
-def example_to_sample(example, transform, class_names=None):
-    """A bundled picture (:func:`minidetr.notebook_tools.load_example`) through ``transform``.
-
-    Args:
-        example: an ``ExampleImage`` (image (H, W, 3) in [0, 1], boxes xyxy pixels, labels
-            as category names).
-        transform: the data transforms, ending with ``Normalize`` (e.g.
-            ``Compose([Resize(250, max_size=375), Normalize()])``).
-        class_names: the model's classes; label ``i`` is ``class_names.index(name)``.
-            None labels every object 0 (when the labels do not matter).
-
-    Returns:
-        ``(image (3, h, w) float32, target)`` as the dataset gives it: the target has
-        ``boxes`` (T, 4) normalised cxcywh, ``labels`` (T,) int64 and ``size`` (h, w);
-        a list of these is what :func:`minidetr.data.collate` batches.
-    """
-    from PIL import Image
-
-    picture = Image.fromarray(np.uint8(np.rint(np.asarray(example.image) * 255)))
-    labels = [class_names.index(name) for name in example.labels] if class_names \
-        else [0] * len(example.labels)
-    return transform(picture, {"boxes": np.asarray(example.boxes, np.float32),
-                               "labels": np.asarray(labels, np.int64)})
 
 
 def image_for_display(image, mean=IMAGENET_MEAN, std=IMAGENET_STD):

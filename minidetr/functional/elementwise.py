@@ -67,12 +67,20 @@ class Div(Function):
                 unbroadcast(-grad * a / (b * b), b.shape) if nb else None)
 
 
-class Maximum(Function):
-    """max(a, b) elementwise; on ties the gradient goes to ``a`` (as in numpy.maximum's pick)."""
+class _Select(Function):
+    """Shared forward/backward of maximum and minimum: pick ``a`` or ``b`` elementwise.
+
+    ``take_a`` marks where ``a`` was picked; the gradient goes to the picked operand
+    only (on ties to ``a``, as NumPy picks it).
+    """
 
     @staticmethod
-    def forward(ctx, a, b):
-        take_a = a >= b
+    def take_a(a, b):  # pragma: no cover - defined by the subclasses
+        raise NotImplementedError
+
+    @classmethod
+    def forward(cls, ctx, a, b):
+        take_a = cls.take_a(a, b)
         ctx.save_for_backward(take_a)
         ctx.shapes = (a.shape, b.shape)
         return ctx.xp.where(take_a, a, b)
@@ -86,23 +94,20 @@ class Maximum(Function):
                 unbroadcast(grad * ~take_a, sb) if nb else None)
 
 
-class Minimum(Function):
+class Maximum(_Select):
+    """max(a, b) elementwise; on ties the gradient goes to ``a``."""
+
+    @staticmethod
+    def take_a(a, b):
+        return a >= b
+
+
+class Minimum(_Select):
     """min(a, b) elementwise; on ties the gradient goes to ``a``."""
 
     @staticmethod
-    def forward(ctx, a, b):
-        take_a = a <= b
-        ctx.save_for_backward(take_a)
-        ctx.shapes = (a.shape, b.shape)
-        return ctx.xp.where(take_a, a, b)
-
-    @staticmethod
-    def backward(ctx, grad):
-        take_a, = ctx.saved_tensors
-        sa, sb = ctx.shapes
-        na, nb = ctx.needs_input_grad
-        return (unbroadcast(grad * take_a, sa) if na else None,
-                unbroadcast(grad * ~take_a, sb) if nb else None)
+    def take_a(a, b):
+        return a <= b
 
 
 def _binary(fn, a, b):

@@ -39,6 +39,7 @@ from .. import nn
 from ..autograd import Tensor, no_grad
 from ..backend import get_array_module
 from ..nn.msdeform_attn import MSDeformAttn
+from ..nn._checks import generator
 from .box_ops import inverse_sigmoid
 
 __all__ = ["DeformableTransformer", "DeformableTransformerEncoderLayer",
@@ -128,15 +129,6 @@ def box_from_reference(delta, reference):
     return F.sigmoid(logits)
 
 
-def _generator(rng, who):
-    if rng is None:
-        return np.random.default_rng()
-    if not isinstance(rng, np.random.Generator):
-        raise TypeError(f"{who}: rng must be a numpy.random.Generator "
-                        f"(np.random.default_rng(seed)) or None, got {type(rng).__name__}")
-    return rng
-
-
 def _argsort_descending(scores):
     """Indices sorting each row of ``scores`` (N, S) from high to low; ties keep the
     lower index first (a stable sort, as CuPy's always is)."""
@@ -166,7 +158,7 @@ class DeformableTransformerEncoderLayer(nn.Module):
     def __init__(self, d_model=256, d_ffn=1024, dropout=0.1, n_levels=4, n_heads=8,
                  n_points=4, rng=None, msda_backend=None):
         super().__init__()
-        rng = _generator(rng, "DeformableTransformerEncoderLayer")
+        rng = generator(rng, "DeformableTransformerEncoderLayer")
         # self attention (registration order = the official key order)
         self.self_attn = MSDeformAttn(d_model, n_levels, n_heads, n_points, rng=rng,
                                       backend=msda_backend)
@@ -234,7 +226,7 @@ class DeformableTransformerDecoderLayer(nn.Module):
     def __init__(self, d_model=256, d_ffn=1024, dropout=0.1, n_levels=4, n_heads=8,
                  n_points=4, rng=None, msda_backend=None):
         super().__init__()
-        rng = _generator(rng, "DeformableTransformerDecoderLayer")
+        rng = generator(rng, "DeformableTransformerDecoderLayer")
         # cross attention
         self.cross_attn = MSDeformAttn(d_model, n_levels, n_heads, n_points, rng=rng,
                                        backend=msda_backend)
@@ -457,7 +449,7 @@ class DeformableTransformer(nn.Module):
                  dec_n_points=4, two_stage=False, two_stage_num_proposals=300, rng=None,
                  msda_backend=None):
         super().__init__()
-        rng = _generator(rng, "DeformableTransformer")
+        rng = generator(rng, "DeformableTransformer")
         if d_model % nhead:
             raise ValueError(f"DeformableTransformer: d_model ({d_model}) must be divisible "
                              f"by nhead ({nhead})")
