@@ -468,3 +468,18 @@ def test_matmul_batch_broadcasting_like_numpy(shapes, seed):
     out.backward(np.ones(result))
     assert ta.grad.shape == sa and tb.grad.shape == sb
     gradcheck(F.matmul, [a, b], name=f"matmul{sa}{sb}", seed=seed % 1000)
+
+
+def test_pow_zero_exponent_has_zero_gradient_everywhere():
+    x = Tensor(np.array([0.0, 2.0, -1.5]), requires_grad=True)
+    F.pow(x, 0).sum().backward()
+    np.testing.assert_array_equal(x.grad, [0.0, 0.0, 0.0])
+
+
+@pytest.mark.parametrize("fn", [F.maximum, F.minimum])
+def test_maximum_minimum_propagate_nan_from_either_side(fn):
+    a = np.array([np.nan, 1.0, 2.0])
+    b = np.array([1.0, np.nan, 3.0])
+    out = fn(Tensor(a), Tensor(b)).data
+    assert np.isnan(out[0]) and np.isnan(out[1]), out
+    assert out[2] == (3.0 if fn is F.maximum else 2.0)

@@ -18,6 +18,8 @@ Grouped by kind, one file each:
 
 Every function accepts Tensors (and, where it makes sense, plain numbers or arrays) and
 returns a Tensor. ``import minidetr.functional as F`` is the usual spelling.
+
+Derivation: docs/autograd.md derives the backward of every Function in this package.
 """
 from .elementwise import (abs, add, cast, clamp, div, exp, log, maximum, minimum, mul, neg,  # noqa: F401
                           pow, sqrt, sub, where)

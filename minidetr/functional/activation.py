@@ -10,7 +10,9 @@ so no formula here ever exponentiates a large positive number:
 * softmax and log_softmax subtract the maximum along ``axis`` first, which changes
   nothing mathematically (the shift cancels) and makes the largest exponent ``exp(0) = 1``.
 
-The backward derivations of softmax and log_softmax are in ``docs/autograd.md``.
+Derivation: docs/autograd.md, sections "Softmax and log-softmax", "Sigmoid, softplus,
+log-sigmoid: the numerically stable forms" and "Kinks and ties: which subgradient the
+code takes" (relu).
 """
 from __future__ import annotations
 

@@ -23,8 +23,8 @@ Shapes:
     out      (N, C_out, H_out, W_out)
     H_out = floor((H + 2*pad_h - dil_h*(kh - 1) - 1) / stride_h) + 1   (same for W_out)
 
-The derivations are in ``docs/autograd.md`` ("Convolution as im2col + one matrix product"
-and "Max pooling").
+Derivation: docs/autograd.md, sections "Convolution as im2col + one matrix product" and
+"Max pooling".
 """
 from __future__ import annotations
 

@@ -2,6 +2,10 @@
 
 Shapes: inputs broadcast as in NumPy; the output has the broadcast shape. Every backward
 sums the gradient back to each input's shape with :func:`minidetr.autograd.unbroadcast`.
+
+Derivation: docs/autograd.md, sections "Arithmetic", "Powers, exponential, logarithm,
+square root", "Kinks and ties: which subgradient the code takes" (abs, clamp, maximum,
+minimum, where), "Cast" and "Broadcasting in backward: unbroadcast".
 """
 from __future__ import annotations
 
@@ -99,7 +103,7 @@ class Maximum(_Select):
 
     @staticmethod
     def take_a(a, b):
-        return a >= b
+        return (a >= b) | (a != a)          # a NaN in ``a`` is picked (and propagates)
 
 
 class Minimum(_Select):
@@ -107,7 +111,7 @@ class Minimum(_Select):
 
     @staticmethod
     def take_a(a, b):
-        return a <= b
+        return (a <= b) | (a != a)          # a NaN in ``a`` is picked (and propagates)
 
 
 def _binary(fn, a, b):
@@ -169,6 +173,8 @@ class Pow(Function):
     @staticmethod
     def backward(ctx, grad):
         x, = ctx.saved_tensors
+        if ctx.p == 0:                       # x ** 0 is constant (avoid 0 * 0 ** -1 = NaN)
+            return ctx.xp.zeros_like(grad), None
         return grad * ctx.p * x ** (ctx.p - 1), None
 
 

@@ -8,6 +8,8 @@ For Y = A B with A (m, k), B (k, n) and upstream gradient G = dL/dY (m, n):
 Everything else in this file is bookkeeping around these two lines: batch axes that
 broadcast (summed back by :func:`minidetr.autograd.unbroadcast`), 1-D operands (treated as
 a row or a column), and the (out, in) weight layout of ``linear``.
+
+Derivation: docs/autograd.md, section "Matrix products".
 """
 from __future__ import annotations
 

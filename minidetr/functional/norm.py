@@ -18,6 +18,9 @@ Shapes:
     layer_norm         x (..., C),      weight, bias (C,)
     group_norm         x (N, C, *),     weight, bias (C,), C divisible by num_groups
     frozen_batch_norm  x (N, C, *),     weight, bias, running_mean, running_var (C,)
+
+Derivation: docs/autograd.md, sections "Standardisation: the core of layer norm and group
+norm", "Layer normalisation", "Group normalisation" and "Frozen batch normalisation".
 """
 from __future__ import annotations
 

@@ -12,6 +12,8 @@ On the GPU the uniform draws are made on the device, by a CuPy generator seeded 
 that Generator, so the mask is never copied from host to device.
 
 Shapes: x (any) -> y (same shape and dtype).
+
+Derivation: docs/autograd.md, section "Dropout".
 """
 from __future__ import annotations
 

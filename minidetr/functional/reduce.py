@@ -8,6 +8,9 @@ is (1, 3, 1), ``sum(x)`` is () (a scalar).
 Every backward first puts the removed axes back as size-1 axes (:func:`_keepdims_shape`),
 so that the gradient broadcasts against the input: each input element receives the
 gradient of the output element it was reduced into.
+
+Derivation: docs/autograd.md, sections "Broadcasting in backward: unbroadcast" (sum,
+mean, max) and "Running sum" (cumsum).
 """
 from __future__ import annotations
 

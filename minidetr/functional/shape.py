@@ -17,6 +17,9 @@ permutation, sum the broadcast copies (:func:`minidetr.autograd.unbroadcast`), o
 selected gradient back where the elements came from (a scatter-add, :func:`index_add`).
 
 Shapes: given in each function's docstring.
+
+Derivation: docs/autograd.md, sections "Shape Functions: the backward is the inverse
+movement" and "Selecting elements: scatter-add".
 """
 from __future__ import annotations
 

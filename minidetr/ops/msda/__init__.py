@@ -11,6 +11,9 @@ Two ways to call it:
 * Tensors, with autograd (the model): :func:`ms_deform_attn`, i.e.
   :class:`MSDeformAttnFunction`.
 
+Derivation: docs/deformable-attention.md, sections "3. Gradients of bilinear sampling" and
+"4. The softmax-weighted sum and its gradients".
+
 Backends are interchangeable implementations of the same two functions, registered in
 ``_BACKENDS`` by module name and imported only when first used:
 
