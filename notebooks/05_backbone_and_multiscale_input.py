@@ -55,7 +55,7 @@ from minidetr.data import Compose, Normalize, Resize, collate
 from minidetr.models import build_model, get_config
 from minidetr.models.backbone import build_backbone, interpolate_mask
 from minidetr.models.deformable_transformer import get_valid_ratio
-from minidetr.notebook_tools import load_example
+from minidetr.notebook_tools import example_to_sample, load_example
 from minidetr.testing import assert_allclose
 
 SMALL = os.environ.get("MINIDETR_NOTEBOOK_PRESET") == "tiny"
@@ -75,7 +75,7 @@ print(f"setting: {'tiny' if SMALL else 'full'}; seed {SEED}")
 SHORT = 120 if SMALL else 250         # not multiples of 32: the levels then need ceil()
 to_model_input = Compose([Resize(SHORT, max_size=SHORT * 3 // 2), Normalize()])
 examples = [load_example(1), load_example(0)]          # a bus (landscape), giraffes (portrait)
-images, mask, targets = collate([vm.example_to_sample(ex, to_model_input) for ex in examples])
+images, mask, targets = collate([example_to_sample(ex, to_model_input) for ex in examples])
 B, _, H, W = images.shape
 sizes = [t["size"] for t in targets]                    # (h, w) of each image before padding
 print(f"images {images.shape} {images.dtype}, mask {mask.shape} {mask.dtype}")

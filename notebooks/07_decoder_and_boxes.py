@@ -57,7 +57,7 @@ from minidetr.autograd import Tensor, no_grad
 from minidetr.data import Compose, Normalize, Resize, collate
 from minidetr.models import build_model, get_config, inverse_sigmoid
 from minidetr.models.deformable_transformer import box_from_reference
-from minidetr.notebook_tools import load_example
+from minidetr.notebook_tools import example_to_sample, load_example
 from minidetr.testing import assert_allclose
 
 SMALL = os.environ.get("MINIDETR_NOTEBOOK_PRESET") == "tiny"
@@ -69,7 +69,7 @@ print(f"setting: {'tiny' if SMALL else 'full'}; seed {SEED}")
 SHORT = 120 if SMALL else 250
 to_model_input = Compose([Resize(SHORT, max_size=SHORT * 3 // 2), Normalize()])
 examples = [load_example(1), load_example(0)]          # a bus (landscape), giraffes (portrait)
-images, mask, targets = collate([vm.example_to_sample(ex, to_model_input) for ex in examples])
+images, mask, targets = collate([example_to_sample(ex, to_model_input) for ex in examples])
 sizes = [tuple(int(v) for v in t["size"]) for t in targets]       # valid (h, w) per image
 cfg = get_config("tiny", seed=SEED)
 model = build_model(cfg).eval()

@@ -51,7 +51,7 @@ from minidetr.engine import train_one_epoch
 from minidetr.models import (box_cxcywh_to_xyxy, build_criterion, build_model, get_config,
                              elementwise_generalized_box_iou)
 from minidetr.models.deformable_transformer import box_from_reference
-from minidetr.notebook_tools import load_example
+from minidetr.notebook_tools import example_to_sample, load_example
 from minidetr.optim import AdamW
 from minidetr.testing import assert_allclose
 
@@ -74,7 +74,7 @@ example = load_example(1)
 names = sorted(set(example.labels))                              # ["bus", "person"]
 SHORT = 96 if SMALL else 128
 to_model_input = Compose([Resize(SHORT, max_size=SHORT * 3 // 2), Normalize()])
-batch = collate([vm.example_to_sample(example, to_model_input, names)])
+batch = collate([example_to_sample(example, to_model_input, names)])
 images, mask, targets = batch
 extent = example.image.shape[:2]              # draw the normalised boxes on the full picture
 print(f"input {images.shape}; targets: {[names[i] for i in targets[0]['labels']]}, boxes "

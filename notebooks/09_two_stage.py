@@ -50,7 +50,7 @@ from minidetr.engine import train_one_epoch
 from minidetr.models import build_criterion, build_model, get_config
 from minidetr.models.deformable_transformer import (encoder_output_proposals,
                                                     get_proposal_pos_embed)
-from minidetr.notebook_tools import load_example
+from minidetr.notebook_tools import example_to_sample, load_example
 from minidetr.optim import AdamW
 from minidetr.testing import assert_allclose
 
@@ -70,8 +70,8 @@ model = build_model(cfg).eval()
 transformer = model.transformer
 SHORT = 120 if SMALL else 250
 to_model_input = Compose([Resize(SHORT, max_size=SHORT * 3 // 2), Normalize()])
-images, mask, targets = collate([vm.example_to_sample(load_example(1), to_model_input),
-                                 vm.example_to_sample(load_example(0), to_model_input)])
+images, mask, targets = collate([example_to_sample(load_example(1), to_model_input),
+                                 example_to_sample(load_example(0), to_model_input)])
 sizes = [tuple(int(v) for v in t["size"]) for t in targets]
 with no_grad():
     srcs, masks, pos = model.project_features(images, mask)
@@ -205,7 +205,7 @@ example = load_example(1)
 names = sorted(set(example.labels))
 TRAIN_SHORT = 96 if SMALL else 128
 to_train_input = Compose([Resize(TRAIN_SHORT, max_size=TRAIN_SHORT * 3 // 2), Normalize()])
-batch = collate([vm.example_to_sample(example, to_train_input, names)])
+batch = collate([example_to_sample(example, to_train_input, names)])
 train_images, train_mask, train_targets = batch
 criterion = build_criterion(cfg)
 STEPS = 3 if SMALL else 40
