@@ -1,4 +1,5 @@
-"""Benchmarks: ``python -m minidetr bench msda``.
+"""Benchmarks: ``python -m minidetr bench msda`` (this module) and ``bench train``
+(:mod:`minidetr.bench_train`: whole training iterations, beside transformers' model).
 
 ``bench_msda`` times multi-scale deformable attention, forward and backward (all three
 gradients), for every requested backend at the paper's shapes, prints a table and writes

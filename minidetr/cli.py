@@ -6,7 +6,8 @@ Commands:
     eval                COCO box AP of a checkpoint on a COCO-format set
     predict             draw a checkpoint's detections on images (PNG) and print them
     subset              carve a small COCO subset (json, optionally images) out of a full one
-    bench               benchmarks, e.g. ``bench msda`` (multi-scale deformable attention)
+    bench               benchmarks: ``bench msda`` (multi-scale deformable attention),
+                        ``bench train`` (training iterations, and transformers' if installed)
     convert-checkpoint  a released PyTorch ``.pth`` -> a minidetr ``.npz`` (needs torch)
     check-reference     a converted checkpoint vs the published reference outputs
 
@@ -221,7 +222,8 @@ def _cmd_train(args):
     if args.resume is not None:
         data = _data_paths(args.data, args.val_data) if args.data else None
         result = resume_training(_resume_dir(args), epochs=args.epochs, data=data,
-                                 device=args.device, progress=progress)
+                                 device=args.device, progress=progress,
+                                 debug_transfers=args.debug_transfers)
     else:
         if args.data:
             data = _data_paths(args.data, args.val_data)
@@ -239,10 +241,12 @@ def _cmd_train(args):
             weight_decay=args.weight_decay, clip_max_norm=args.clip_max_norm,
             lr_drop=args.lr_drop, batch_size=args.batch_size, num_workers=args.num_workers,
             seed=args.seed, transforms=args.transforms or args.config,
-            label_map=args.label_map, max_train_images=args.max_train_images,
-            max_val_images=args.max_val_images, eval_every=args.eval_every)
+            max_size=args.max_size, label_map=args.label_map,
+            max_train_images=args.max_train_images, max_val_images=args.max_val_images,
+            eval_every=args.eval_every)
         result = run_training(model_cfg, train_cfg, data, args.out, device=args.device,
-                              overwrite=args.overwrite, progress=progress)
+                              overwrite=args.overwrite, progress=progress,
+                              debug_transfers=args.debug_transfers)
     if result.interrupted:
         return 130
     _print_metrics(result.final_metrics, f"final COCO metrics ({result.run_dir}):")
@@ -376,10 +380,16 @@ def _cmd_subset(args):
 
 
 def _cmd_bench(args):
-    from . import bench
     if args.what == "msda":
-        return bench.bench_msda(backends=args.backend, repeats=args.repeats,
-                                shapes=args.shapes, dtype=args.dtype, json_path=args.json)
+        from .bench import bench_msda
+        return bench_msda(backends=args.backend, repeats=args.repeats, shapes=args.shapes,
+                          dtype=args.dtype, json_path=args.json)
+    if args.what == "train":
+        from .bench_train import bench_train
+        return bench_train(config=args.config, variants=args.variant, device=args.device,
+                           batch=args.batch, size=args.size, iterations=args.iterations,
+                           warmup=args.warmup, compare_hf=not args.no_hf,
+                           json_path=args.json)
     raise SystemExit(f"unknown benchmark {args.what!r}")
 
 
@@ -502,11 +512,18 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=42, help="model and data seed (printed)")
     t.add_argument("--transforms", default=None, choices=["tiny", "small", "paper"],
                    help="augmentation preset (default: the --config's)")
+    t.add_argument("--max-size", type=int, default=None,
+                   help="cap on the long side of every image in pixels (default: the "
+                        "--transforms preset's: 1333 paper, 640 small, 213 tiny); smaller "
+                        "images need less memory")
     t.add_argument("--label-map", default="contiguous", choices=["contiguous", "raw"],
                    help="class labels: contiguous 0..K-1, or raw COCO ids (91 logits)")
     t.add_argument("--max-train-images", type=int, default=None)
     t.add_argument("--max-val-images", type=int, default=None)
     t.add_argument("--eval-every", type=int, default=1, help="evaluate every N epochs")
+    t.add_argument("--debug-transfers", action="store_true",
+                   help="GPU debugging: fail at any device -> host copy inside a training "
+                        "step other than the matcher's cost matrices and the logged losses")
     t.set_defaults(func=_cmd_train)
 
     e = sub.add_parser("eval", help="COCO box AP of a checkpoint",
@@ -555,15 +572,38 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--overwrite", action="store_true")
     s.set_defaults(func=_cmd_subset)
 
-    b = sub.add_parser("bench", help="benchmarks")
-    b.add_argument("what", choices=["msda"], help="what to benchmark")
+    b = sub.add_parser("bench", help="benchmarks",
+                       description="msda: the deformable attention op per backend. train: "
+                                   "training iterations (time, images/s, peak memory) of "
+                                   "minidetr, and of transformers' Deformable DETR when "
+                                   "transformers and torch are installed.")
+    b.add_argument("what", choices=["msda", "train"], help="what to benchmark")
+    b.add_argument("--json", default=None, help="where to write the results as JSON "
+                                                "(default runs/bench/<what>.json)")
     b.add_argument("--backend", default="all",
-                   help="comma-separated backends, or 'all' for every available one")
+                   help="msda: comma-separated backends, or 'all' for every available one")
     b.add_argument("--shapes", default="encoder,decoder",
-                   help="comma-separated shape presets: encoder, decoder, tiny")
-    b.add_argument("--dtype", default="float32", choices=["float32", "float64"])
-    b.add_argument("--repeats", type=int, default=5, help="timed repetitions (median reported)")
-    b.add_argument("--json", default=None, help="where to write the results as JSON")
+                   help="msda: comma-separated shape presets: encoder, decoder, tiny")
+    b.add_argument("--dtype", default="float32", choices=["float32", "float64"],
+                   help="msda: float type")
+    b.add_argument("--repeats", type=int, default=5,
+                   help="msda: timed repetitions (median reported)")
+    b.add_argument("--config", default="tiny", choices=CONFIGS,
+                   help="train: model preset (default tiny)")
+    b.add_argument("--variant", default="plain,refine,two-stage",
+                   help="train: comma-separated variants (default all three)")
+    b.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="train: where to run (default: cuda when CuPy sees a GPU)")
+    b.add_argument("--batch", type=int, default=2, help="train: images per iteration")
+    b.add_argument("--size", default=None,
+                   help="train: image HEIGHTxWIDTH (default 128x128 for tiny, 800x1066 "
+                        "for small and paper)")
+    b.add_argument("--iterations", type=int, default=5,
+                   help="train: timed iterations (median reported)")
+    b.add_argument("--warmup", type=int, default=2,
+                   help="train: untimed iterations first (kernel compilation, caches)")
+    b.add_argument("--no-hf", action="store_true",
+                   help="train: skip transformers' model even when it is installed")
     b.set_defaults(func=_cmd_bench)
 
     c = sub.add_parser("convert-checkpoint",

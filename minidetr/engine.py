@@ -26,17 +26,27 @@ group. Weight decay (1e-4) applies to all groups.
 A non-finite loss stops training with :class:`NonFiniteLossError`, whose message names
 the epoch, the step and every loss term that is not finite (the official code prints the
 loss dict and exits); the step's update is not applied, so the weights stay finite.
+
+On a GPU (CuPy arrays) a step copies two kinds of values to the host, each small: the
+matcher's cost matrices (the Hungarian algorithm runs on the host) and, once, a vector
+of the numbers it logs (every loss term, the total and the gradient norm), read after
+clipping and before the update so that a non-finite value still stops the step. Both are
+marked with :func:`~minidetr.backend.allow_transfers`; ``debug_transfers=True`` runs
+each step under :func:`~minidetr.backend.transfer_guard`, which fails on any other.
+Running out of memory raises :class:`StepOutOfMemoryError`, naming the batch's shape.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 
 import numpy as np
 from tqdm import tqdm
 
-from .autograd import no_grad
-from .backend import get_array_module, to_device, to_numpy
+from .autograd import Tensor, no_grad
+from .backend import (allow_transfers, get_array_module, is_out_of_memory, to_device,
+                      to_numpy, transfer_guard)
 from .evaluation import CocoEvaluator
 from .optim import clip_grad_norm_
 
@@ -46,6 +56,10 @@ LINEAR_PROJ_NAMES = ("reference_points", "sampling_offsets")
 
 class NonFiniteLossError(FloatingPointError):
     """The loss (or the gradient) became NaN or infinite; the message says where."""
+
+
+class StepOutOfMemoryError(MemoryError):
+    """A training step ran out of (GPU or host) memory; the message names the batch."""
 
 
 # --------------------------------------------------------------------------- param groups
@@ -107,8 +121,20 @@ def batch_to_device(batch, device):
 
 
 def loss_values(losses) -> dict:
-    """Scalar loss Tensors -> Python floats (one host transfer each)."""
-    return {k: float(v.item()) for k, v in losses.items()}
+    """Scalar losses (Tensors or 0-d arrays, or Python numbers) -> Python floats.
+
+    The values are stacked on their device and copied to the host at once: one transfer
+    (and one wait for the GPU) instead of one per value.
+    """
+    if not losses:
+        return {}
+    names = list(losses)
+    arrays = [v.data if isinstance(v, Tensor) else v for v in losses.values()]
+    xp = get_array_module(*arrays)
+    stacked = xp.stack([xp.asarray(a, dtype=np.float64).reshape(()) for a in arrays])  # (n,)
+    with allow_transfers("the step's logged values"):
+        host = to_numpy(stacked)
+    return dict(zip(names, host.tolist()))
 
 
 def _check_finite(values, weight_dict, total, where):
@@ -122,7 +148,11 @@ def _check_finite(values, weight_dict, total, where):
 
 
 def _check_outputs(outputs, where):
-    """Non-finite predictions would stop the matcher with a less helpful message."""
+    """Raise NonFiniteLossError naming the first prediction set that holds NaN or inf.
+
+    Called only when the loss failed (the matcher refuses a non-finite cost matrix) or
+    is not finite, so a healthy step copies nothing for it.
+    """
     sets = [("", outputs)] + [(f"aux_outputs[{i}].", aux)
                               for i, aux in enumerate(outputs.get("aux_outputs") or [])]
     if outputs.get("enc_outputs") is not None:
@@ -131,7 +161,9 @@ def _check_outputs(outputs, where):
         for key in ("pred_logits", "pred_boxes"):
             data = out[key].data
             xp = get_array_module(data)
-            if not bool(xp.isfinite(data).all()):
+            with allow_transfers("explaining a failed step"):
+                finite = bool(xp.isfinite(data).all())
+            if not finite:
                 raise NonFiniteLossError(
                     f"non-finite model output at {where}: {prefix}{key} holds NaN or inf, so "
                     "no loss can be computed. Training stopped before this update; lower the "
@@ -172,9 +204,67 @@ class EpochResult:
 
 
 # --------------------------------------------------------------------------- training
+def train_step(model, criterion, optimizer, batch, *, clip_max_norm=0.1, device="cpu",
+               where="this step") -> dict:
+    """One update on one batch: forward, losses, backward, clipping, AdamW.
+
+    Args:
+        model, criterion, optimizer: the detector, its :class:`SetCriterion`, an AdamW.
+        batch: ``Batch(images, mask, targets)`` (host arrays; moved to ``device`` here).
+        clip_max_norm: gradient clipping; <= 0 (or None) only measures the norm.
+        where: names the step in error messages, e.g. "epoch 2, step 5/100".
+
+    Returns:
+        The logged values as Python floats: ``loss`` (the weighted total), every loss
+        term (unweighted), and ``grad_norm`` (before clipping).
+
+    Raises:
+        NonFiniteLossError: a prediction, the loss or the gradient norm is NaN/inf; the
+            update is not applied.
+    """
+    images, mask, targets = batch_to_device(batch, device)
+    outputs = model(images, mask)
+    try:
+        losses = criterion(outputs, targets)
+    except ValueError:
+        _check_outputs(outputs, where)        # non-finite predictions: say so instead
+        raise
+    loss = criterion.total(losses)
+
+    optimizer.zero_grad()
+    loss.backward()
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    measure_only = clip_max_norm is None or clip_max_norm <= 0
+    grad_norm = clip_grad_norm_(params, math.inf if measure_only else clip_max_norm,
+                                host=False)
+    values = loss_values({"loss": loss, **losses, "grad_norm": grad_norm})  # one copy
+    total, grad_norm = values["loss"], values["grad_norm"]
+    if not math.isfinite(total):
+        _check_outputs(outputs, where)
+        terms = {k: v for k, v in values.items() if k not in ("loss", "grad_norm")}
+        _check_finite(terms, criterion.weight_dict, total, where)
+    if not math.isfinite(grad_norm):
+        raise NonFiniteLossError(
+            f"non-finite gradient at {where}: the gradient norm is {grad_norm} "
+            f"(loss {total:.4f} was finite). Training stopped before this update.")
+    optimizer.step()
+    return values
+
+
+def _out_of_memory(error, batch, device, where) -> StepOutOfMemoryError:
+    """The error to raise when a step ran out of memory: it names the batch's shape."""
+    B, _, H, W = batch[0].shape
+    memory = "GPU memory" if device != "cpu" else "memory"
+    return StepOutOfMemoryError(
+        f"out of {memory} at {where} on {device}: a batch of {B} images padded to {H}x{W} "
+        f"(height x width) did not fit ({type(error).__name__}: {error}). A smaller batch "
+        "or smaller images need less.")
+
+
 def train_one_epoch(model, criterion, optimizer, batches, *, epoch, num_steps,
                     clip_max_norm=0.1, device="cpu", first_step=0, averages=None,
-                    should_stop=None, on_step=None, progress=True) -> EpochResult:
+                    should_stop=None, on_step=None, progress=True,
+                    debug_transfers=False) -> EpochResult:
     """Train on ``batches`` (the rest of epoch ``epoch``, starting at ``first_step``).
 
     Args:
@@ -189,18 +279,18 @@ def train_one_epoch(model, criterion, optimizer, batches, *, epoch, num_steps,
         should_stop: a callable checked after every step; True ends the epoch early.
         on_step: called as ``on_step(epoch, step, values)`` after every update.
         progress: show a tqdm bar with the live loss.
+        debug_transfers: run every step under :func:`~minidetr.backend.transfer_guard`
+            (a device -> host copy other than the allowed ones raises).
 
     Logged per step: ``loss`` (the weighted total), every loss term (unweighted, as the
     criterion returns them), ``grad_norm`` (before clipping) and ``lr`` (the main group's).
 
     Raises:
         NonFiniteLossError: the loss or the gradient norm is NaN/inf (no update is made).
+        StepOutOfMemoryError: a step ran out of memory (the message names the batch).
     """
     model.train()
     averages = averages if averages is not None else RunningAverages()
-    weight_dict = criterion.weight_dict
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    measure_only = clip_max_norm is None or clip_max_norm <= 0
     step = first_step
     values = {}
     bar = tqdm(total=num_steps, initial=first_step, desc=f"train epoch {epoch + 1}",
@@ -208,31 +298,24 @@ def train_one_epoch(model, criterion, optimizer, batches, *, epoch, num_steps,
     try:
         for batch in batches:
             where = f"epoch {epoch + 1}, step {step + 1}/{num_steps}"
-            images, mask, targets = batch_to_device(batch, device)
-            outputs = model(images, mask)
-            _check_outputs(outputs, where)
-            losses = criterion(outputs, targets)
-            loss = criterion.total(losses)
-            values = loss_values(losses)
-            total = float(loss.item())
-            _check_finite(values, weight_dict, total, where)
-
-            optimizer.zero_grad()
-            loss.backward()
-            grad_norm = clip_grad_norm_(params, math.inf if measure_only else clip_max_norm)
-            if not math.isfinite(grad_norm):
-                raise NonFiniteLossError(
-                    f"non-finite gradient at {where}: the gradient norm is {grad_norm} "
-                    f"(loss {total:.4f} was finite). Training stopped before this update.")
-            optimizer.step()
+            guard = transfer_guard() if debug_transfers else contextlib.nullcontext()
+            try:
+                with guard:
+                    values = train_step(model, criterion, optimizer, batch,
+                                        clip_max_norm=clip_max_norm, device=device,
+                                        where=where)
+            except Exception as e:
+                if is_out_of_memory(e):
+                    raise _out_of_memory(e, batch, device, where) from e
+                raise
             step += 1
 
+            grad_norm = values.pop("grad_norm")
             lr = optimizer.param_groups[0]["lr"]
-            values = {"loss": total, **values}
             averages.update(**values, grad_norm=grad_norm, lr=lr)
             bar.update(1)
-            bar.set_postfix(loss=f"{total:.3f}", mean=f"{averages.means()['loss']:.3f}",
-                            lr=f"{lr:.1e}")
+            bar.set_postfix(loss=f"{values['loss']:.3f}",
+                            mean=f"{averages.means()['loss']:.3f}", lr=f"{lr:.1e}")
             if on_step is not None:
                 on_step(epoch, step, values)
             if should_stop is not None and should_stop():
@@ -283,10 +366,10 @@ def evaluate(model, criterion, postprocess, batches, coco_gt, category_map, *,
             with no_grad():
                 outputs = model(images, mask)
                 losses = criterion(outputs, targets)
-                total = float(criterion.total(losses).item())
+                values = loss_values({"loss": criterion.total(losses), **losses})
                 orig_sizes = np.stack([t["orig_size"] for t in targets])      # (B, 2)
                 detections = postprocess(outputs, orig_sizes)
-            averages.update(loss=total, **loss_values(losses))
+            averages.update(**values)
             evaluator.update([t["image_id"] for t in targets],
                              [{k: to_numpy(v) for k, v in d.items()} for d in detections])
             bar.set_postfix(loss=f"{averages.means()['loss']:.3f}")
@@ -297,6 +380,7 @@ def evaluate(model, criterion, postprocess, batches, coco_gt, category_map, *,
     return {**averages.means(), **evaluator.summarize(verbose=verbose)}
 
 
-__all__ = ["build_param_groups", "param_group_names", "train_one_epoch", "evaluate",
-           "predict", "batch_to_device", "NonFiniteLossError", "RunningAverages",
-           "EpochResult", "BACKBONE_NAMES", "LINEAR_PROJ_NAMES"]
+__all__ = ["build_param_groups", "param_group_names", "train_step", "train_one_epoch",
+           "evaluate", "predict", "batch_to_device", "loss_values", "NonFiniteLossError",
+           "StepOutOfMemoryError", "RunningAverages", "EpochResult", "BACKBONE_NAMES",
+           "LINEAR_PROJ_NAMES"]

@@ -198,12 +198,18 @@ class AdamW:
 
 
 # --------------------------------------------------------------------------- clipping
-def clip_grad_norm_(params, max_norm: float) -> float:
+def clip_grad_norm_(params, max_norm: float, *, host: bool = True):
     """Scale all gradients together so that their global L2 norm is at most ``max_norm``.
 
-    total = sqrt(sum over parameters of sum(g^2)); if total > max_norm every gradient is
-    multiplied by max_norm / (total + 1e-6), in place (PyTorch's formula). Parameters
-    without a gradient are ignored. Returns the norm *before* clipping, as a float.
+    total = sqrt(sum over parameters of sum(g^2)); every gradient is multiplied by
+    min(1, max_norm / (total + 1e-6)), in place (PyTorch's formula: below the threshold
+    the factor is exactly 1 and nothing changes; a NaN norm makes every gradient NaN).
+    Parameters without a gradient are ignored.
+
+    Returns the norm *before* clipping: a Python float, or with ``host=False`` a float64
+    scalar array on the gradients' device. The factor is computed there too, so with
+    ``host=False`` no value leaves the GPU (the training step reads the norm later,
+    together with its losses, in one copy).
     """
     if not isinstance(max_norm, numbers.Real) or not max_norm > 0:
         raise ValueError(f"clip_grad_norm_: max_norm must be > 0, got {max_norm!r}")
@@ -213,14 +219,14 @@ def clip_grad_norm_(params, max_norm: float) -> float:
     if not grads:
         return 0.0
     xp = get_array_module(*grads)
-    # One squared sum per parameter, accumulated in float64, then a single host transfer.
+    # One squared sum per parameter, accumulated in float64.
     squares = xp.stack([xp.sum(g * g, dtype=xp.float64) for g in grads])
-    total = float(xp.sqrt(squares.sum()))
-    scale = max_norm / (total + 1e-6)
-    if scale < 1.0:
-        for g in grads:
-            g *= scale
-    return total
+    total = xp.sqrt(squares.sum())                         # float64 scalar
+    scale = xp.minimum(max_norm / (total + 1e-6), 1.0)     # float64 scalar
+    factor = {dtype: scale.astype(dtype) for dtype in {g.dtype for g in grads}}
+    for g in grads:
+        g *= factor[g.dtype]                               # float32 grads stay float32
+    return float(total) if host else total
 
 
 # --------------------------------------------------------------------------- schedule

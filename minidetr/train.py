@@ -41,7 +41,8 @@ one that was never interrupted.
 Ctrl-C: the first one lets the current step finish, saves ``last.npz`` and returns
 (``TrainResult.interrupted``); a second one stops at once without saving. A non-finite
 loss raises :class:`~minidetr.engine.NonFiniteLossError` naming the step and the loss
-term; ``last.npz`` then still holds the last good epoch.
+term; ``last.npz`` then still holds the last good epoch. Running out of (GPU) memory
+raises :class:`RunError` naming the batch and the options that shrink it.
 """
 from __future__ import annotations
 
@@ -58,13 +59,13 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
-from .backend import cupy_available, why_no_cupy
+from .backend import cupy_available, is_out_of_memory, why_no_cupy
 from .checkpoint import (Checkpoint, CheckpointError, load_checkpoint, load_model_state,
                          save_checkpoint)
-from .data import (CategoryMap, CocoDetection, DataLoader, collate, make_transforms,
-                   sample_rng)
-from .engine import (RunningAverages, build_param_groups, evaluate, predict,
-                     train_one_epoch)
+from .data import (PRESETS, CategoryMap, CocoDetection, DataLoader, collate,
+                   make_transforms, sample_rng)
+from .engine import (RunningAverages, StepOutOfMemoryError, build_param_groups, evaluate,
+                     predict, train_one_epoch)
 from .evaluation import METRIC_NAMES
 from .models.build import build_criterion, build_model, build_postprocess
 from .models.config import ModelConfig
@@ -363,13 +364,15 @@ class Trainer:
     """
 
     def __init__(self, model_cfg: ModelConfig, train_cfg: TrainConfig, data: DataPaths,
-                 run_dir, *, device="cpu", category_map=None, progress=True, log=print):
+                 run_dir, *, device="cpu", category_map=None, progress=True, log=print,
+                 debug_transfers=False):
         self.model_cfg = model_cfg.validate()
         self.cfg = train_cfg
         self.data = data
         self.run_dir = Path(run_dir)
         self.device = device
         self.progress = progress
+        self.debug_transfers = debug_transfers  # every step under backend.transfer_guard
         self.log = log
 
         self.train_set, self.val_set = build_datasets(data, train_cfg, category_map)
@@ -474,12 +477,12 @@ class Trainer:
                         epoch_batches(self.train_loader, epoch, self.step), epoch=epoch,
                         num_steps=steps, clip_max_norm=self.cfg.clip_max_norm,
                         device=self.device, first_step=self.step, averages=self.partial,
-                        should_stop=interrupt, on_step=hook, progress=self.progress)
+                        should_stop=interrupt, on_step=hook, progress=self.progress,
+                        debug_transfers=self.debug_transfers)
                 except FloatingPointError as e:
-                    kept = (f"{self.run_dir / 'last.npz'} (after epoch {self.epoch}, step "
-                            f"{self.step}) is kept" if (self.run_dir / "last.npz").exists()
-                            else "no checkpoint was written yet")
-                    raise type(e)(f"{e}\nThe last good checkpoint {kept}.") from None
+                    raise type(e)(f"{e}\n{self._kept()}") from None
+                except MemoryError as e:           # engine.StepOutOfMemoryError and kin
+                    raise RunError(self._memory_advice(e)) from e
                 self.step, self.partial = result.steps_done, result.averages
                 if interrupt.requested:
                     return self._interrupted()
@@ -487,11 +490,16 @@ class Trainer:
             record.update({f"train_{k}": v for k, v in self.partial.means().items()
                            if k != "lr"})
             if self._eval_due(epoch):
-                val = evaluate(self.model, self.criterion, self.postprocess,
-                               self.val_loader.iter_epoch(0), self.val_set.coco,
-                               self.category_map, num_steps=len(self.val_loader),
-                               device=self.device, should_stop=interrupt,
-                               progress=self.progress)
+                try:
+                    val = evaluate(self.model, self.criterion, self.postprocess,
+                                   self.val_loader.iter_epoch(0), self.val_set.coco,
+                                   self.category_map, num_steps=len(self.val_loader),
+                                   device=self.device, should_stop=interrupt,
+                                   progress=self.progress)
+                except Exception as e:
+                    if is_out_of_memory(e):
+                        raise RunError(self._memory_advice(e, "evaluating")) from e
+                    raise
                 if val is None:
                     return self._interrupted()
                 record.update({(k if k in METRIC_NAMES else f"val_{k}"): v
@@ -516,6 +524,25 @@ class Trainer:
         final = {k: self.history[-1][k] for k in METRIC_NAMES if k in self.history[-1]}
         return TrainResult(self.run_dir, self.history, final, epoch=self.epoch,
                            pictures=pictures)
+
+    def _kept(self) -> str:
+        """Which checkpoint survives a run that stopped on an error."""
+        if (self.run_dir / "last.npz").exists():
+            return (f"The last good checkpoint {self.run_dir / 'last.npz'} (after epoch "
+                    f"{self.epoch}, step {self.step}) is kept.")
+        return "No checkpoint was written yet."
+
+    def _memory_advice(self, error, doing="training") -> str:
+        """Out of memory: what happened, and the options (CLI names) that need less."""
+        max_size = self.cfg.max_size or PRESETS[self.cfg.transforms].max_size
+        what = (str(error) if isinstance(error, StepOutOfMemoryError)   # names the batch
+                else f"out of memory while {doing} on {self.device}: {error}")
+        return (f"{what}\n"
+                f"Each step needs less memory with a smaller batch or smaller images; start "
+                f"a new run with a smaller --batch-size (this run: {self.cfg.batch_size}), "
+                f"a smaller --max-size (the long side of an image, this run: {max_size} "
+                f"pixels), a smaller --transforms preset (this run: {self.cfg.transforms}; "
+                f"small and tiny use smaller images), or a smaller --config. {self._kept()}")
 
     def _interrupted(self) -> TrainResult:
         path = self.save("last.npz")
@@ -574,18 +601,21 @@ def _epoch_line(record, epochs):
 # --------------------------------------------------------------------------- entry points
 def run_training(model_cfg: ModelConfig, train_cfg: TrainConfig, data: DataPaths, out_dir, *,
                  device="cpu", overwrite=False, progress=True, on_step=None,
-                 log=print) -> TrainResult:
+                 log=print, debug_transfers=False) -> TrainResult:
     """Train a new model; see the module docstring for what ``out_dir`` receives.
 
+    ``debug_transfers`` runs every training step under
+    :func:`~minidetr.backend.transfer_guard` (GPU debugging; nothing changes on a CPU).
+
     Raises:
-        RunError: ``out_dir`` already holds a run (and ``overwrite`` is False), or the
-            data and the model disagree.
+        RunError: ``out_dir`` already holds a run (and ``overwrite`` is False), the
+            data and the model disagree, or a step ran out of memory.
         NonFiniteLossError: the loss became NaN/inf (``last.npz`` keeps the last epoch).
     """
     device = resolve_device(device)
     run_dir = Path(out_dir)
     trainer = Trainer(model_cfg, train_cfg, data, run_dir, device=device,
-                      progress=progress, log=log)
+                      progress=progress, log=log, debug_transfers=debug_transfers)
     prepare_run_dir(run_dir, overwrite)
     _write_json_atomic(run_dir / "run.json", {
         "model_config": model_cfg.to_dict(), "train_config": train_cfg.to_dict(),
@@ -602,15 +632,18 @@ def run_training(model_cfg: ModelConfig, train_cfg: TrainConfig, data: DataPaths
 
 
 def resume_training(run_dir, *, epochs=None, data: DataPaths | None = None, device="cpu",
-                    progress=True, on_step=None, log=print) -> TrainResult:
+                    progress=True, on_step=None, log=print,
+                    debug_transfers=False) -> TrainResult:
     """Continue the run in ``run_dir`` from its ``last.npz``, exactly where it stopped.
 
     Args:
         epochs: a new total number of epochs (to train longer); default the run's own.
         data: other paths for the same data (if it moved); default the run's own.
+        debug_transfers: as for :func:`run_training`.
 
     Raises:
-        RunError: ``run_dir`` does not exist or holds no checkpoint.
+        RunError: ``run_dir`` does not exist or holds no checkpoint, or a step ran out
+            of memory.
         CheckpointError: the checkpoint is unreadable or does not fit.
     """
     device = resolve_device(device)
@@ -631,7 +664,8 @@ def resume_training(run_dir, *, epochs=None, data: DataPaths | None = None, devi
     data = data if data is not None else DataPaths.from_dict(ckpt.extra["data"])
     category_map = CategoryMap.from_dict(ckpt.category_map)
     trainer = Trainer(model_cfg, train_cfg, data, run_dir, device=device,
-                      category_map=category_map, progress=progress, log=log)
+                      category_map=category_map, progress=progress, log=log,
+                      debug_transfers=debug_transfers)
     trainer.restore(ckpt)
     _write_metrics(run_dir / "metrics.jsonl", trainer.history)   # drop lines after the save
     if trainer.epoch >= train_cfg.epochs:

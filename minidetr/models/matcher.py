@@ -26,7 +26,7 @@ from scipy.optimize import linear_sum_assignment
 
 from .. import functional as F
 from ..autograd import Tensor, no_grad
-from ..backend import get_array_module, to_numpy
+from ..backend import allow_transfers, get_array_module, to_numpy
 from .box_ops import box_cxcywh_to_xyxy, generalized_box_iou
 
 __all__ = ["HungarianMatcher", "match_single"]
@@ -140,7 +140,8 @@ class HungarianMatcher:
                 giou = generalized_box_iou(box_cxcywh_to_xyxy(out_boxes),
                                            box_cxcywh_to_xyxy(tgt_boxes))
                 cost = cost - self.cost_giou * giou                             # (B*Q, T)
-        return to_numpy(cost.data).reshape(B, Q, T)         # the device -> host copy
+        with allow_transfers("the matcher's cost matrices"):
+            return to_numpy(cost.data).reshape(B, Q, T)     # the device -> host copy
 
     # ------------------------------------------------------------------ the assignment
     def __call__(self, outputs, targets):

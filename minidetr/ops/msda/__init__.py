@@ -203,6 +203,8 @@ def _integer_host_array(name, arr):
     if isinstance(arr, Tensor):
         arr = arr.data
     host = to_numpy(arr) if hasattr(arr, "dtype") else np.asarray(arr)
+    if host.size == 0 and not hasattr(arr, "dtype"):
+        host = host.astype(np.int64)                 # an empty list: no levels, no dtype
     if host.dtype.kind not in "iu":
         raise TypeError(f"msda: {name} must hold integers, got dtype {host.dtype}")
     return host.astype(np.int64)
@@ -265,11 +267,12 @@ def ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations,
     and weights). Shapes as in the module docstring; returns a Tensor (N, Lq, M * D).
 
     ``spatial_shapes`` and ``level_start_index`` may be lists or host arrays even when
-    the value lives on the GPU: they are moved to the value's device here.
+    the value lives on the GPU (the model keeps them on the host). They are handed to the
+    Function as nested lists, constants that autograd ignores, and copied to the value's
+    device by :func:`validate_inputs`, so the GPU never has to send them back.
     """
-    xp = get_array_module(value.data if isinstance(value, Tensor) else value)
-    spatial_shapes = xp.asarray(_integer_host_array("spatial_shapes", spatial_shapes))
-    level_start_index = xp.asarray(_integer_host_array("level_start_index", level_start_index))
+    spatial_shapes = _integer_host_array("spatial_shapes", spatial_shapes).tolist()
+    level_start_index = _integer_host_array("level_start_index", level_start_index).tolist()
     return MSDeformAttnFunction.apply(value, spatial_shapes, level_start_index,
                                       sampling_locations, attention_weights, backend=backend)
 
