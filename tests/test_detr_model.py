@@ -143,6 +143,8 @@ def test_paper_model_loads_a_checkpoint_shaped_dict(paper_models, variant):
             sd[f"class_embed.{i}.bias"] = new_bias
     else:
         sd["class_embed.0.bias"] = new_bias
+        if variant == "two-stage":   # ... and its decoder alias holds the same values
+            sd["transformer.decoder.class_embed.0.bias"] = new_bias
     before = model.state_dict()
     try:
         model.load_state_dict(sd)

@@ -612,3 +612,14 @@ def test_init_functions(xp):
     assert 0 < np.abs(to_numpy(b.data)).max() <= 1 / math.sqrt(45)
     with pytest.raises(TypeError, match="default_rng"):
         nn.init.normal_(p, 0.0, 1.0)
+
+
+def test_load_state_dict_rejects_shared_keys_with_different_values():
+    head = nn.Linear(3, 2, rng=np.random.default_rng(0))
+    heads = nn.ModuleList([head, head, head])           # one module at three indices
+    sd = heads.state_dict()
+    heads.load_state_dict(sd)                            # consistent copies load fine
+    sd["2.bias"] = sd["2.bias"] + 1.0
+    with pytest.raises(KeyError, match=r"0\.bias and 2\.bias name the same shared tensor"):
+        heads.load_state_dict(sd)
+    np.testing.assert_array_equal(head.bias.data, heads.state_dict()["0.bias"])   # untouched

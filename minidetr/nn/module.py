@@ -290,6 +290,8 @@ class Module:
         problems = []
         if mismatched:
             problems.append("shape mismatch for " + "; ".join(mismatched))
+        else:
+            problems.extend(_alias_conflicts(targets, state_dict))
         if strict and missing:
             problems.append("missing keys: " + ", ".join(missing))
         if strict and unexpected:
@@ -470,3 +472,23 @@ class Sequential(ModuleList):
 
 
 __all__ = ["Parameter", "Module", "ModuleList", "Sequential", "LoadResult"]
+
+
+def _alias_conflicts(targets, state_dict):
+    """Keys that name one shared tensor (e.g. ``class_embed.0`` ... ``class_embed.5`` of one
+    head) but carry different values in ``state_dict``: loading would keep only the last."""
+    from ..backend import to_numpy
+
+    by_tensor = OrderedDict()
+    for key, value in targets.items():
+        if key in state_dict:
+            by_tensor.setdefault(id(value), []).append(key)
+    problems = []
+    for keys in by_tensor.values():
+        first = to_numpy(getattr(state_dict[keys[0]], "data", state_dict[keys[0]]))
+        for other in keys[1:]:
+            if not np.array_equal(first, to_numpy(getattr(state_dict[other], "data",
+                                                          state_dict[other]))):
+                problems.append(f"{keys[0]} and {other} name the same shared tensor in this "
+                                "model but hold different values in the state dict")
+    return problems
