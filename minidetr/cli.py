@@ -223,7 +223,9 @@ def _cmd_train(args):
         data = _data_paths(args.data, args.val_data) if args.data else None
         result = resume_training(_resume_dir(args), epochs=args.epochs, data=data,
                                  device=args.device, progress=progress,
-                                 debug_transfers=args.debug_transfers)
+                                 debug_transfers=args.debug_transfers,
+                                 time_limit=("keep" if args.time_limit is None
+                                             else args.time_limit))
     else:
         if args.data:
             data = _data_paths(args.data, args.val_data)
@@ -243,7 +245,7 @@ def _cmd_train(args):
             seed=args.seed, transforms=args.transforms or args.config,
             max_size=args.max_size, label_map=args.label_map,
             max_train_images=args.max_train_images, max_val_images=args.max_val_images,
-            eval_every=args.eval_every)
+            eval_every=args.eval_every, time_limit=args.time_limit)
         result = run_training(model_cfg, train_cfg, data, args.out, device=args.device,
                               overwrite=args.overwrite, progress=progress,
                               debug_transfers=args.debug_transfers)
@@ -521,6 +523,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--max-train-images", type=int, default=None)
     t.add_argument("--max-val-images", type=int, default=None)
     t.add_argument("--eval-every", type=int, default=1, help="evaluate every N epochs")
+    t.add_argument("--time-limit", type=float, default=None, metavar="MINUTES",
+                   help="a time budget: no new epoch starts after MINUTES minutes (the "
+                        "running one is finished, evaluated and saved)")
     t.add_argument("--debug-transfers", action="store_true",
                    help="GPU debugging: fail at any device -> host copy inside a training "
                         "step other than the matcher's cost matrices and the logged losses")

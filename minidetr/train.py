@@ -112,6 +112,7 @@ class TrainConfig:
     max_val_images: int | None = None
     # --- evaluation and pictures
     eval_every: int = 1                     # evaluate every N epochs (and after the last)
+    time_limit: float | None = None         # minutes: no new epoch starts after this
     num_pictures: int = 4                   # validation images drawn at the end
     picture_threshold: float = 0.5          # draw detections scoring at least this
 
@@ -128,6 +129,10 @@ class TrainConfig:
         if self.label_map not in CategoryMap.MODES:
             raise ValueError(f"TrainConfig.label_map must be one of {CategoryMap.MODES}, got "
                              f"{self.label_map!r}")
+        if self.time_limit is not None and not (isinstance(self.time_limit, (int, float))
+                                                and self.time_limit > 0):
+            raise ValueError(f"TrainConfig.time_limit must be None or minutes > 0, got "
+                             f"{self.time_limit!r}")
         for name in ("max_train_images", "max_val_images"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
@@ -442,8 +447,14 @@ class Trainer:
         return save_checkpoint(self.run_dir / name, self.checkpoint(), overwrite=True)
 
     # ------------------------------------------------------------------ the loop
-    def _eval_due(self, epoch):
-        return (epoch + 1) % self.cfg.eval_every == 0 or epoch + 1 == self.cfg.epochs
+    def _eval_due(self, epoch, out_of_time=False):
+        return ((epoch + 1) % self.cfg.eval_every == 0 or epoch + 1 == self.cfg.epochs
+                or out_of_time)
+
+    def _out_of_time(self, started) -> bool:
+        """True once ``cfg.time_limit`` minutes have passed since ``fit`` started."""
+        limit = self.cfg.time_limit
+        return limit is not None and time.perf_counter() - started >= 60.0 * limit
 
     def _best_ap(self):
         aps = [h["AP"] for h in self.history if "AP" in h]
@@ -451,6 +462,10 @@ class Trainer:
 
     def fit(self, on_step=None) -> TrainResult:
         """Train from the current epoch/step to ``cfg.epochs``; see the module docstring.
+
+        With ``cfg.time_limit`` (minutes), the epoch running when the limit passes is the
+        last one: it is finished, evaluated and saved, and the run ends as if it were
+        complete (``--resume`` with the same or more ``--epochs`` continues it).
 
         ``on_step(epoch, step, values)`` is called after every update (``epoch`` 0-based,
         ``step`` the number of batches done in it, ``values`` the logged losses); if it
@@ -461,7 +476,7 @@ class Trainer:
             return self._fit(interrupt, on_step)
 
     def _fit(self, interrupt, on_step) -> TrainResult:
-        steps = len(self.train_loader)
+        steps, fit_started = len(self.train_loader), time.perf_counter()
 
         def hook(epoch, step, values):          # on_step may ask to stop, like Ctrl-C
             if on_step is not None and on_step(epoch, step, values):
@@ -489,7 +504,8 @@ class Trainer:
             record = {"epoch": epoch + 1, "lr": lr}
             record.update({f"train_{k}": v for k, v in self.partial.means().items()
                            if k != "lr"})
-            if self._eval_due(epoch):
+            out_of_time = self._out_of_time(fit_started)
+            if self._eval_due(epoch, out_of_time):
                 try:
                     val = evaluate(self.model, self.criterion, self.postprocess,
                                    self.val_loader.iter_epoch(0), self.val_set.coco,
@@ -519,6 +535,11 @@ class Trainer:
             self.log(_epoch_line(record, self.cfg.epochs))
             if interrupt.requested:
                 return self._interrupted()
+            if out_of_time and self.epoch < self.cfg.epochs:
+                self.log(f"time limit of {self.cfg.time_limit:g} min reached after epoch "
+                         f"{self.epoch}/{self.cfg.epochs}: stopping here (continue with "
+                         f"`python -m minidetr train --resume {self.run_dir}`)")
+                break
 
         pictures = self.save_pictures()
         final = {k: self.history[-1][k] for k in METRIC_NAMES if k in self.history[-1]}
@@ -632,14 +653,16 @@ def run_training(model_cfg: ModelConfig, train_cfg: TrainConfig, data: DataPaths
 
 
 def resume_training(run_dir, *, epochs=None, data: DataPaths | None = None, device="cpu",
-                    progress=True, on_step=None, log=print,
-                    debug_transfers=False) -> TrainResult:
+                    progress=True, on_step=None, log=print, debug_transfers=False,
+                    time_limit="keep") -> TrainResult:
     """Continue the run in ``run_dir`` from its ``last.npz``, exactly where it stopped.
 
     Args:
         epochs: a new total number of epochs (to train longer); default the run's own.
         data: other paths for the same data (if it moved); default the run's own.
         debug_transfers: as for :func:`run_training`.
+        time_limit: minutes for this session (``TrainConfig.time_limit``, counted from
+            the resume), None for none; default ``"keep"``: the run's own.
 
     Raises:
         RunError: ``run_dir`` does not exist or holds no checkpoint, or a step ran out
@@ -661,6 +684,8 @@ def resume_training(run_dir, *, epochs=None, data: DataPaths | None = None, devi
     train_cfg = TrainConfig.from_dict(ckpt.train_config)
     if epochs is not None:
         train_cfg = train_cfg.replace(epochs=int(epochs))
+    if time_limit != "keep":
+        train_cfg = train_cfg.replace(time_limit=time_limit)
     data = data if data is not None else DataPaths.from_dict(ckpt.extra["data"])
     category_map = CategoryMap.from_dict(ckpt.category_map)
     trainer = Trainer(model_cfg, train_cfg, data, run_dir, device=device,

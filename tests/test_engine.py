@@ -327,3 +327,25 @@ def test_the_python_examples_of_docs_training_run(tmp_path, monkeypatch, capsys)
     for i, code in enumerate(blocks):
         exec(compile(code, f"training.md (python block {i})", "exec"), {"__name__": "__doc__"})
     assert "linear_proj" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------- time limit
+def test_a_time_limit_ends_the_run_after_the_running_epoch_which_is_evaluated(shapes, tmp_path):
+    run = tmp_path / "timed"
+    cfg = TrainConfig(**{**FAST, "epochs": 3, "eval_every": 5, "time_limit": 1e-9})
+    result = run_training(get_config("tiny", **SMALL), cfg, shapes, run, progress=False,
+                          log=_quiet)
+    assert not result.interrupted
+    assert [h["epoch"] for h in result.history] == [1]          # epochs 2 and 3 never start
+    assert "AP" in result.history[0], "the last epoch of a timed run must be evaluated"
+    assert set(result.final_metrics) == set(METRIC_NAMES)
+    assert load_checkpoint(run / "last.npz").progress["epoch"] == 1
+
+    resumed = resume_training(run, progress=False, log=_quiet, time_limit=None)
+    assert [h["epoch"] for h in resumed.history] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, "20"])
+def test_a_time_limit_must_be_positive_minutes(bad):
+    with pytest.raises(ValueError, match="time_limit"):
+        TrainConfig(time_limit=bad)
