@@ -211,10 +211,10 @@ class Tensor:
     def __getitem__(self, index): return _F().getitem(self, index)
 
     # comparisons give plain boolean arrays (they have no gradient)
-    def __lt__(self, o): return self.data < as_array(o)
-    def __le__(self, o): return self.data <= as_array(o)
-    def __gt__(self, o): return self.data > as_array(o)
-    def __ge__(self, o): return self.data >= as_array(o)
+    def __lt__(self, o): return self.data < _comparand(o, self.data)
+    def __le__(self, o): return self.data <= _comparand(o, self.data)
+    def __gt__(self, o): return self.data > _comparand(o, self.data)
+    def __ge__(self, o): return self.data >= _comparand(o, self.data)
 
     # -- common methods, so model code reads like the paper
     def sum(self, axis=None, keepdims=False): return _F().sum(self, axis, keepdims)
@@ -246,6 +246,17 @@ class Tensor:
 def _F():
     from . import functional
     return functional
+
+
+def _comparand(o, data):
+    """The other side of a comparison with ``data``: a Tensor's array, a number as it is
+    (CuPy refuses a NumPy array beside a device array, even a 0-d one), anything else
+    as an array on ``data``'s device (its dtype unchanged)."""
+    if isinstance(o, Tensor):
+        return o.data
+    if isinstance(o, (int, float, bool, np.generic)):
+        return o
+    return get_array_module(data).asarray(o)
 
 
 def _check_grad(grad, tensor, where):
@@ -338,7 +349,9 @@ class Function:
         needs = tuple(isinstance(a, Tensor) and a.requires_grad for a in args)
         record = is_grad_enabled() and any(needs)
         ctx = Context(needs)
-        ctx.xp = get_array_module(*[r for r in raw if hasattr(r, "dtype") and hasattr(r, "shape")])
+        # the array arguments (a dtype class such as np.float32 has .dtype and .shape too)
+        ctx.xp = get_array_module(*[r for r in raw if hasattr(r, "dtype") and hasattr(r, "shape")
+                                    and not isinstance(r, type)])
         out = cls.forward(ctx, *raw, **kwargs)
         result = Tensor(out, requires_grad=record and out.dtype.kind == "f")
         if result.requires_grad:

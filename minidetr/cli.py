@@ -7,7 +7,9 @@ Commands:
     predict             draw a checkpoint's detections on images (PNG) and print them
     subset              carve a small COCO subset (json, optionally images) out of a full one
     bench               benchmarks: ``bench msda`` (multi-scale deformable attention),
-                        ``bench train`` (training iterations, and transformers' if installed)
+                        ``bench train`` (training iterations, and transformers' if installed),
+                        ``bench launches`` (GPU kernel launches per training step, counted
+                        on the CPU by minidetr.fakecupy)
     convert-checkpoint  a released PyTorch ``.pth`` -> a minidetr ``.npz`` (needs torch)
     check-reference     a converted checkpoint vs the published reference outputs
 
@@ -386,6 +388,11 @@ def _cmd_bench(args):
         from .bench import bench_msda
         return bench_msda(backends=args.backend, repeats=args.repeats, shapes=args.shapes,
                           dtype=args.dtype, json_path=args.json)
+    if args.what == "launches":
+        from .bench_launches import bench_launches
+        bench_launches(config=args.config, variants=args.variant, batch=args.batch,
+                       size=args.size, json_path=args.json)
+        return 0
     if args.what == "train":
         from .bench_train import bench_train
         return bench_train(config=args.config, variants=args.variant, device=args.device,
@@ -581,8 +588,10 @@ def build_parser() -> argparse.ArgumentParser:
                        description="msda: the deformable attention op per backend. train: "
                                    "training iterations (time, images/s, peak memory) of "
                                    "minidetr, and of transformers' Deformable DETR when "
-                                   "transformers and torch are installed.")
-    b.add_argument("what", choices=["msda", "train"], help="what to benchmark")
+                                   "transformers and torch are installed. launches: the GPU "
+                                   "kernel launches of one training step by component and "
+                                   "call site, counted on the CPU (minidetr.fakecupy).")
+    b.add_argument("what", choices=["msda", "train", "launches"], help="what to benchmark")
     b.add_argument("--json", default=None, help="where to write the results as JSON "
                                                 "(default runs/bench/<what>.json)")
     b.add_argument("--backend", default="all",
@@ -594,15 +603,16 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--repeats", type=int, default=5,
                    help="msda: timed repetitions (median reported)")
     b.add_argument("--config", default="tiny", choices=CONFIGS,
-                   help="train: model preset (default tiny)")
+                   help="train, launches: model preset (default tiny)")
     b.add_argument("--variant", default="plain,refine,two-stage",
-                   help="train: comma-separated variants (default all three)")
+                   help="train, launches: comma-separated variants (default all three)")
     b.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="train: where to run (default: cuda when CuPy sees a GPU)")
-    b.add_argument("--batch", type=int, default=2, help="train: images per iteration")
+    b.add_argument("--batch", type=int, default=2,
+                   help="train, launches: images per iteration")
     b.add_argument("--size", default=None,
-                   help="train: image HEIGHTxWIDTH (default 128x128 for tiny, 800x1066 "
-                        "for small and paper)")
+                   help="train, launches: image HEIGHTxWIDTH (default 128x128 for tiny, "
+                        "800x1066 for small and paper)")
     b.add_argument("--iterations", type=int, default=5,
                    help="train: timed iterations (median reported)")
     b.add_argument("--warmup", type=int, default=2,

@@ -76,12 +76,16 @@ def compare(outputs, variant):
     """
     if variant not in REFERENCE_OUTPUTS:
         raise ValueError(f"unknown variant {variant!r}; choose one of {sorted(REFERENCE_OUTPUTS)}")
+    from .autograd import Tensor
     from .backend import to_numpy
 
     ok = True
     lines = []
     for key, reference in zip(("pred_logits", "pred_boxes"), REFERENCE_OUTPUTS[variant]):
-        got = to_numpy(getattr(outputs[key], "data", outputs[key]))[0, :3, :3]   # (3, 3)
+        value = outputs[key]
+        if isinstance(value, Tensor):         # not getattr(value, "data"): a CuPy array's
+            value = value.data                # .data is its device pointer
+        got = to_numpy(value)[0, :3, :3]                                          # (3, 3)
         reference = np.asarray(reference)
         for (q, c), ref in np.ndenumerate(reference):
             diff = abs(float(got[q, c]) - ref)

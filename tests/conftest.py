@@ -1,7 +1,8 @@
 """Shared test fixtures.
 
-* ``xp``: parametrises a test over the array backends, NumPy always and CuPy when a GPU is
-  present (skipped with the reason otherwise), so every check also runs on the GPU.
+* ``xp``: parametrises a test over the array backends: NumPy; the NumPy-backed stand-in
+  ``minidetr.fakecupy``, which fails on what CuPy would refuse (always); and CuPy when a
+  GPU is present (skipped with the reason otherwise), so every check also runs on the GPU.
 * ``shared_dir``: the ../shared folder beside the repository (skipped in a user's clone).
 * Hypothesis: a small, derandomised "ci" profile, so runs are reproducible and fast.
 """
@@ -34,18 +35,26 @@ SHARED = REPO.parent / "shared"
 
 def _xp_params():
     return [pytest.param("numpy", id="numpy"),
+            pytest.param("fakecupy", id="fakecupy"),
             pytest.param("cupy", id="cupy", marks=pytest.mark.gpu)]
 
 
 @pytest.fixture(params=_xp_params())
 def xp(request):
-    """The array module to test with: numpy, or cupy when a GPU is present."""
+    """The array module to test with: numpy; minidetr.fakecupy (CuPy's strictness about
+    host arrays and host copies, NumPy's arithmetic; runs everywhere); cupy when a GPU
+    is present."""
     if request.param == "cupy":
         if not cupy_available():
             pytest.skip(f"GPU backend not tested: {why_no_cupy()}")
         import cupy
-        return cupy
-    return np
+        yield cupy
+    elif request.param == "fakecupy":
+        from minidetr import fakecupy
+        with fakecupy.installed() as fake:
+            yield fake
+    else:
+        yield np
 
 
 @pytest.fixture

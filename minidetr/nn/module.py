@@ -479,16 +479,21 @@ def _alias_conflicts(targets, state_dict):
     head) but carry different values in ``state_dict``: loading would keep only the last."""
     from ..backend import to_numpy
 
+    def host_values(key):
+        """The values under ``key`` on the host (``.data`` only of a Tensor: a CuPy
+        array's ``.data`` is its device pointer)."""
+        value = state_dict[key]
+        return to_numpy(value.data if isinstance(value, Tensor) else value)
+
     by_tensor = OrderedDict()
     for key, value in targets.items():
         if key in state_dict:
             by_tensor.setdefault(id(value), []).append(key)
     problems = []
     for keys in by_tensor.values():
-        first = to_numpy(getattr(state_dict[keys[0]], "data", state_dict[keys[0]]))
+        first = host_values(keys[0])
         for other in keys[1:]:
-            if not np.array_equal(first, to_numpy(getattr(state_dict[other], "data",
-                                                          state_dict[other]))):
+            if not np.array_equal(first, host_values(other)):
                 problems.append(f"{keys[0]} and {other} name the same shared tensor in this "
                                 "model but hold different values in the state dict")
     return problems

@@ -40,7 +40,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ...backend import get_array_module
+from ...backend import allow_transfers, get_array_module
 from ...functional._util import index_add
 
 
@@ -151,9 +151,14 @@ def _batch_head_index(xp, n, m):
 
 
 def _levels(spatial_shapes, level_start_index):
-    """(l, H_l, W_l, start_l) as Python ints, one tuple per level."""
-    shapes = spatial_shapes.tolist()                      # small; a host copy on CuPy
-    starts = level_start_index.tolist()
+    """(l, H_l, W_l, start_l) as Python ints, one tuple per level.
+
+    The loops and reshapes need the sizes on the host: on CuPy this is a small, deliberate
+    device -> host copy, marked for :func:`~minidetr.backend.transfer_guard`.
+    """
+    with allow_transfers("the MSDA reference's level sizes"):
+        shapes = spatial_shapes.tolist()                  # (L, 2) and (L,): a few ints
+        starts = level_start_index.tolist()
     return [(l, int(h), int(w), int(s)) for l, ((h, w), s) in enumerate(zip(shapes, starts))]
 
 
