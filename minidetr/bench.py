@@ -151,6 +151,8 @@ def bench_msda(backends="all", repeats=5, shapes="encoder,decoder", dtype="float
             if not ok:
                 print_fn(f"{name}: skipped ({reason})")
         names = [n for n in names if msda.backend_status(n)[0]]
+        if not names:
+            print_fn("none of the requested backends can run here: nothing to time")
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
 

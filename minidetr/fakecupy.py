@@ -37,9 +37,13 @@ What is imitated (CuPy 14):
 * Module functions delegate to NumPy's of the same name, refusing ``numpy.ndarray``
   arguments except in ``asarray``/``array``/``asnumpy``; names that NumPy has and CuPy
   lacks (:data:`NUMPY_ONLY`) raise AttributeError. ``random`` (``Generator``,
-  ``Philox4x3210``), ``cuda`` (one device), memory-pool stubs, ``ElementwiseKernel``
-  (run by :mod:`minidetr.ops.elementwise_harness`) and a fake ``cupyx`` with
-  ``scatter_add``.
+  ``Philox4x3210``), ``cuda`` (one device, whose properties and attributes the runtime
+  functions report; events that read the host clock), ``ElementwiseKernel`` (run by
+  :mod:`minidetr.ops.elementwise_harness`) and a fake ``cupyx`` with ``scatter_add``.
+* Device memory: every device array that owns its data holds a block of
+  ``cupy.get_default_memory_pool()`` (rounded up to 512 bytes) until it is garbage
+  collected, so ``used_bytes()`` counts what is alive, and ``cupy.cuda.MemoryHook`` s
+  are called around every allocation and release, with CuPy's arguments.
 * Kernel launches: every operation that would launch a GPU kernel counts one, under the
   call site that asked for it (see :func:`count_launches`); views (reshape, transpose,
   basic slicing) and allocations without initialisation launch nothing.
@@ -57,6 +61,7 @@ import sys
 import threading
 import time
 import types
+import weakref
 from contextlib import contextmanager
 
 import numpy as np
@@ -322,11 +327,13 @@ class ndarray:
     def __init__(self, shape, dtype=float, order="C"):
         """Uninitialised memory of ``shape`` and ``dtype`` (as ``cupy.ndarray(shape)``)."""
         self._array = np.empty(shape, dtype=dtype, order=order)
+        _memory_pool._malloc(self._array)
 
     @classmethod
     def _from_numpy(cls, array):
         self = cls.__new__(cls)
         self._array = array
+        _memory_pool._malloc(array)            # a block of the pool, unless a view
         return self
 
     # -- facts that live with the array's descriptor (no copy, no kernel)
@@ -774,7 +781,61 @@ cupy.random.Generator = Generator
 cupy.random.default_rng = lambda seed=None: Generator(cupy.random.XORWOW(seed))
 
 
-# --------------------------------------------------------------------------- cuda, memory
+# --------------------------------------------------------------------------- cuda: the device
+# The fake GPU as CuPy's runtime functions describe one: an imaginary device with 16 GiB
+# and the memory system of an H100 SXM (2619 MHz x 5120 bits: 3.35 TB/s at double data
+# rate), compute capability 9.0.
+DEVICE_NAME = b"fakecupy (NumPy on the CPU)"
+DEVICE_MEMORY = 16 << 30
+# cudaDeviceGetAttribute's answers: attribute name (cudaDevAttr<name>) -> (number, value).
+DEVICE_ATTRIBUTES = {
+    "MaxThreadsPerBlock": (1, 1024),
+    "WarpSize": (10, 32),
+    "MultiProcessorCount": (16, 132),
+    "MemoryClockRate": (36, 2_619_000),               # kHz
+    "GlobalMemoryBusWidth": (37, 5120),               # bits
+    "L2CacheSize": (38, 50 << 20),                    # bytes
+    "ComputeCapabilityMajor": (75, 9),
+    "ComputeCapabilityMinor": (76, 0),
+}
+
+
+def _check_device(device):
+    if device != 0:
+        raise RuntimeError(f"cudaErrorInvalidDevice: fakecupy has one device (0), not "
+                           f"{device!r}")
+
+
+def _device_get_attribute(attrib, device):
+    """``cupy.cuda.runtime.deviceGetAttribute(attrib, device)``: one int of the device."""
+    _check_device(device)
+    for name, (number, value) in DEVICE_ATTRIBUTES.items():
+        if number == attrib:
+            return value
+    raise NotImplementedError(
+        f"fakecupy: device attribute {attrib} is not imitated; it knows "
+        f"{ {name: number for name, (number, _) in DEVICE_ATTRIBUTES.items()} }")
+
+
+def _get_device_properties(device):
+    """``cupy.cuda.runtime.getDeviceProperties(device)``: a few of its many keys.
+
+    CUDA 13 removed ``clockRate`` and ``memoryClockRate`` from ``cudaDeviceProp`` (CUDA 12
+    builds of CuPy report them); the fake leaves them out, as the stricter case, so code
+    that needs them must ask ``deviceGetAttribute``, which has them on every version.
+    """
+    _check_device(device)
+    attribute = {name: value for name, (_, value) in DEVICE_ATTRIBUTES.items()}
+    return {"name": DEVICE_NAME, "totalGlobalMem": DEVICE_MEMORY,
+            "major": attribute["ComputeCapabilityMajor"],
+            "minor": attribute["ComputeCapabilityMinor"],
+            "multiProcessorCount": attribute["MultiProcessorCount"],
+            "memoryBusWidth": attribute["GlobalMemoryBusWidth"],
+            "l2CacheSize": attribute["L2CacheSize"],
+            "warpSize": attribute["WarpSize"],
+            "maxThreadsPerBlock": attribute["MaxThreadsPerBlock"]}
+
+
 class _Device:
     """``cupy.cuda.Device``: the one fake GPU, id 0."""
 
@@ -782,9 +843,17 @@ class _Device:
 
     def __init__(self, device=None):
         self.id = 0 if device is None else int(device)
-        if self.id != 0:
-            raise RuntimeError(f"cudaErrorInvalidDevice: fakecupy has one device (0), "
-                               f"not {self.id}")
+        _check_device(self.id)
+
+    @property
+    def attributes(self):
+        """Every device attribute the fake knows, by name without ``cudaDevAttr``."""
+        return {name: value for name, (_, value) in DEVICE_ATTRIBUTES.items()}
+
+    @property
+    def mem_info(self):
+        """(free, total) bytes of the device."""
+        return _mem_get_info()
 
     def __enter__(self):
         return self
@@ -827,39 +896,198 @@ class _Stream:
 class _Event:
     """``cupy.cuda.Event``: records the host clock (the fake device is synchronous)."""
 
-    def __init__(self, *args, **kwargs):
-        self.time = None
+    def __init__(self, block=False, disable_timing=False, interprocess=False):
+        if interprocess and not disable_timing:
+            raise ValueError("Timing must be disabled for interprocess events")
+        self.block, self.disable_timing = block, disable_timing
+        self._recorded_at = None           # time.perf_counter() of the last record()
+
+    @property
+    def done(self):
+        return True                        # the work before it has already run
 
     def record(self, stream=None):
-        self.time = time.perf_counter()
+        self._recorded_at = time.perf_counter()
 
     def synchronize(self):
         pass
 
 
+def _get_elapsed_time(start_event, end_event):
+    """``cupy.cuda.get_elapsed_time``: milliseconds between two recorded timing events
+    (CUDA refuses events that were never recorded or do not time)."""
+    for event in (start_event, end_event):
+        if event.disable_timing or event._recorded_at is None:
+            raise RuntimeError("cudaErrorInvalidResourceHandle: get_elapsed_time needs two "
+                               "recorded events created without disable_timing")
+    return 1e3 * (end_event._recorded_at - start_event._recorded_at)
+
+
+# --------------------------------------------------------------------------- cuda: memory
+# CuPy's pool rounds every allocation up to a multiple of 512 bytes (cudaMalloc's alignment).
+ALLOCATION_UNIT = 512
+_memory_hooks = threading.local()
+
+
+def get_memory_hooks():
+    """``cupy.cuda.memory_hook.get_memory_hooks()``: this thread's registered memory hooks,
+    by name (CuPy keeps them per thread)."""
+    hooks = getattr(_memory_hooks, "hooks", None)
+    if hooks is None:
+        hooks = _memory_hooks.hooks = collections.OrderedDict()
+    return hooks
+
+
+class MemoryHook:
+    """``cupy.cuda.MemoryHook``: a callback object of the memory pool.
+
+    Registered with ``with hook:`` (in this thread, under its class attribute ``name``),
+    the pool calls, with CuPy's keyword arguments: ``malloc_preprocess``/``_postprocess``
+    around every allocation from the pool, ``alloc_preprocess``/``_postprocess`` around
+    one that takes new memory from the device (none is cached), and ``free_preprocess``/
+    ``_postprocess`` around every release of a block to the pool.
+    """
+
+    name = "MemoryHook"
+
+    def __enter__(self):
+        hooks = get_memory_hooks()
+        if self.name in hooks:
+            raise KeyError(f"memory hook {self.name} already exists")
+        hooks[self.name] = self
+        return self
+
+    def __exit__(self, *exc):
+        del get_memory_hooks()[self.name]
+
+    def alloc_preprocess(self, **kwargs):
+        """Before new device memory is taken: ``device_id``, ``mem_size``."""
+
+    def alloc_postprocess(self, **kwargs):
+        """After new device memory was taken: ``device_id``, ``mem_size``, ``mem_ptr``."""
+
+    def malloc_preprocess(self, **kwargs):
+        """Before a block is taken from the pool: ``device_id``, ``size``, ``mem_size``."""
+
+    def malloc_postprocess(self, **kwargs):
+        """After a block was taken from the pool: ``device_id``, ``size``, ``mem_size``,
+        ``mem_ptr`` (0 if the allocation failed), ``pmem_id``."""
+
+    def free_preprocess(self, **kwargs):
+        """Before a block goes back to the pool: ``device_id``, ``mem_size``, ``mem_ptr``,
+        ``pmem_id``."""
+
+    def free_postprocess(self, **kwargs):
+        """After a block went back to the pool: same arguments as free_preprocess."""
+
+
 class _MemoryPool:
-    """``cupy.get_default_memory_pool()``: a stub (NumPy owns the memory)."""
+    """``cupy.get_default_memory_pool()``: the blocks of the live device arrays.
+
+    A device array that owns its data (not a view of another one's) holds one block of
+    its size rounded up to :data:`ALLOCATION_UNIT`, from its creation until it is
+    garbage collected, as with CuPy's pool; empty arrays hold none. ``used_bytes`` is the
+    sum of the blocks held. Released blocks stay cached (``free_bytes``) until
+    ``free_all_blocks``, and an allocation takes new device memory only when the cache
+    holds less than it needs: the cache is one piece, without CuPy's fragmentation, so
+    ``total_bytes`` is the most ever in use since the last ``free_all_blocks``. Memory
+    hooks are called as CuPy calls them. Not imitated: memory limits (``set_limit``).
+    """
+
+    def __init__(self):
+        # Re-entrant: the garbage collector may free a block while another is allocated.
+        self._lock = threading.RLock()
+        self._blocks = {}       # id(owning NumPy array) -> (weak reference, mem_size, mem_ptr)
+        self._used = 0          # bytes in the blocks of live arrays
+        self._held = 0          # bytes taken from the device: used + cached
+
+    def _malloc(self, array):
+        """Give the memory under ``array`` a block, unless it has one (a view)."""
+        owner = array
+        while isinstance(owner.base, np.ndarray):
+            owner = owner.base
+        pmem_id = id(owner)
+        if owner.nbytes == 0 or pmem_id in self._blocks:
+            return
+        size = owner.nbytes
+        mem_size = -(-size // ALLOCATION_UNIT) * ALLOCATION_UNIT
+        mem_ptr = owner.ctypes.data
+        hooks = list(get_memory_hooks().values())
+        for hook in hooks:
+            hook.malloc_preprocess(device_id=0, size=size, mem_size=mem_size)
+        if self._held - self._used < mem_size:                # nothing cached fits
+            for hook in hooks:
+                hook.alloc_preprocess(device_id=0, mem_size=mem_size)
+            with self._lock:
+                self._held += mem_size
+            for hook in hooks:
+                hook.alloc_postprocess(device_id=0, mem_size=mem_size, mem_ptr=mem_ptr)
+        with self._lock:
+            self._used += mem_size
+            self._blocks[pmem_id] = (weakref.ref(owner, lambda _: self._free(pmem_id)),
+                                     mem_size, mem_ptr)
+        for hook in hooks:
+            hook.malloc_postprocess(device_id=0, size=size, mem_size=mem_size,
+                                    mem_ptr=mem_ptr, pmem_id=pmem_id)
+
+    def _free(self, pmem_id):
+        """The owner of block ``pmem_id`` was garbage collected: its block goes back."""
+        with self._lock:
+            _, mem_size, mem_ptr = self._blocks.pop(pmem_id)
+        hooks = list(get_memory_hooks().values())
+        for hook in hooks:
+            hook.free_preprocess(device_id=0, mem_size=mem_size, mem_ptr=mem_ptr,
+                                 pmem_id=pmem_id)
+        with self._lock:
+            self._used -= mem_size
+        for hook in hooks:
+            hook.free_postprocess(device_id=0, mem_size=mem_size, mem_ptr=mem_ptr,
+                                  pmem_id=pmem_id)
 
     def used_bytes(self):
-        return 0
+        """Bytes in the blocks of live device arrays."""
+        return self._used
 
     def total_bytes(self):
-        return 0
+        """Bytes the pool holds from the device: used plus cached."""
+        return self._held
 
     def free_bytes(self):
-        return 0
+        """Bytes cached in the pool for later allocations."""
+        return self._held - self._used
+
+    def n_free_blocks(self):
+        """Cached blocks: the cache is one piece here, so 1 when it holds bytes, else 0."""
+        return int(self._held > self._used)
+
+    def free_all_blocks(self, stream=None):
+        """Give the cached bytes back to the device."""
+        with self._lock:
+            self._held = self._used
+
+    def set_limit(self, size=None, fraction=None):
+        pass                            # not imitated: allocations never fail
+
+    def get_limit(self):
+        return 0                        # CuPy's "no limit"
+
+
+class _PinnedMemoryPool:
+    """``cupy.get_default_pinned_memory_pool()``: a stub (the fake uses no pinned memory)."""
 
     def n_free_blocks(self):
         return 0
 
-    def free_all_blocks(self, stream=None):
+    def free_all_blocks(self):
         pass
 
-    def set_limit(self, size=None, fraction=None):
-        pass
 
-    def get_limit(self):
-        return 0
+_memory_pool, _pinned_memory_pool = _MemoryPool(), _PinnedMemoryPool()
+
+
+def _mem_get_info():
+    """``cupy.cuda.runtime.memGetInfo()``: (free, total) bytes of the device."""
+    return DEVICE_MEMORY - _memory_pool.total_bytes(), DEVICE_MEMORY
 
 
 _Stream.null = _Stream()
@@ -867,17 +1095,22 @@ cupy.cuda = types.ModuleType("cupy.cuda", "fakecupy's cupy.cuda: one device, no 
 cupy.cuda.Device = _Device
 cupy.cuda.Stream = _Stream
 cupy.cuda.Event = _Event
+cupy.cuda.MemoryHook = MemoryHook
 cupy.cuda.get_current_stream = lambda device=None: _Stream.null
-cupy.cuda.get_elapsed_time = lambda start, end: 1e3 * (end.time - start.time)
+cupy.cuda.get_elapsed_time = _get_elapsed_time
 cupy.cuda.is_available = lambda: True
+cupy.cuda.memory_hook = types.ModuleType("cupy.cuda.memory_hook",
+                                         "fakecupy's cupy.cuda.memory_hook.")
+cupy.cuda.memory_hook.MemoryHook = MemoryHook
+cupy.cuda.memory_hook.get_memory_hooks = get_memory_hooks
 cupy.cuda.runtime = types.SimpleNamespace(
     getDeviceCount=lambda: 1,
     getDevice=lambda: 0,
     deviceSynchronize=lambda: None,
-    memGetInfo=lambda: (16 << 30, 16 << 30),
-    getDeviceProperties=lambda device: {"name": b"fakecupy (NumPy on the CPU)",
-                                        "major": 9, "minor": 0})
-_memory_pool, _pinned_memory_pool = _MemoryPool(), _MemoryPool()
+    memGetInfo=_mem_get_info,
+    deviceGetAttribute=_device_get_attribute,
+    getDeviceProperties=_get_device_properties,
+    **{f"cudaDevAttr{name}": number for name, (number, _) in DEVICE_ATTRIBUTES.items()})
 cupy.get_default_memory_pool = lambda: _memory_pool
 cupy.get_default_pinned_memory_pool = lambda: _pinned_memory_pool
 
@@ -938,7 +1171,8 @@ def _import_fake_cupy():
 
 @contextmanager
 def installed():
-    """Make minidetr (and ``import cupy``/``import cupyx``) see this fake CuPy with one GPU.
+    """Make minidetr (and ``import cupy``, ``cupyx``, ``cupy.cuda.memory_hook``) see this
+    fake CuPy with one GPU.
 
     Inside the block ``minidetr.backend.cupy_available()`` is True, ``to_device(x,
     "cuda")`` gives :class:`ndarray` s, :func:`~minidetr.backend.transfer_guard` guards
@@ -950,12 +1184,14 @@ def installed():
 
     if not _installed_lock.acquire(blocking=False):
         raise RuntimeError("fakecupy.installed() is already active (it does not nest)")
-    names = ("cupy", "cupyx", _MSDA_MODULE)
+    names = ("cupy", "cupy.cuda", "cupy.cuda.memory_hook", "cupyx", _MSDA_MODULE)
     saved_modules = {name: sys.modules.get(name) for name in names}
     saved_import, saved_backend = backend._import_cupy, msda._BACKENDS["cupy"]
     try:
         backend._import_cupy = _import_fake_cupy
-        sys.modules.update({"cupy": cupy, "cupyx": cupyx, _MSDA_MODULE: _msda_backend()})
+        sys.modules.update({"cupy": cupy, "cupy.cuda": cupy.cuda,
+                            "cupy.cuda.memory_hook": cupy.cuda.memory_hook, "cupyx": cupyx,
+                            _MSDA_MODULE: _msda_backend()})
         msda._BACKENDS["cupy"] = _MSDA_MODULE
         msda.backend_status.cache_clear()
         yield cupy
