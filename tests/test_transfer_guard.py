@@ -3,9 +3,9 @@ training step may copy.
 
 On the CPU the guard's machinery is tested on a stand-in device array class whose
 conversions all go through ``get()``, like ``cupy.ndarray``'s; the real guard is a no-op
-for NumPy arrays. With a GPU, one training step of the tiny model runs under the real
-guard: it must copy nothing but the matcher's cost matrices and the logged values, and
-CuPy's memory pool must not grow from step to step.
+for NumPy arrays. On minidetr.fakecupy (everywhere) and with a GPU, one training step of
+the tiny model runs under the real guard: it must copy nothing but the matcher's cost
+matrices and the logged values, and the memory pool must not grow from step to step.
 """
 from __future__ import annotations
 
@@ -184,9 +184,21 @@ def test_out_of_memory_errors_are_recognised():
 
 
 # --------------------------------------------------------------------------- on a GPU
+@pytest.fixture(params=["fakecupy", pytest.param("cupy", marks=pytest.mark.gpu)])
+def device_cupy(request):
+    """The training step's CuPy: minidetr.fakecupy everywhere, real CuPy with a GPU."""
+    if request.param == "cupy":
+        if not cupy_available():
+            pytest.skip(f"GPU training step not tested: {why_no_cupy()}")
+        import cupy
+        yield cupy
+    else:
+        from minidetr import fakecupy
+        with fakecupy.installed() as fake:
+            yield fake
+
+
 def _gpu_setup(variant="plain"):
-    if not cupy_available():
-        pytest.skip(f"GPU training step not tested: {why_no_cupy()}")
     from minidetr.bench_train import synthetic_batch
     from minidetr.engine import build_param_groups
     from minidetr.models.build import build_criterion, build_model
@@ -201,9 +213,9 @@ def _gpu_setup(variant="plain"):
     return cfg, model, build_criterion(cfg), optimizer, batch
 
 
-@pytest.mark.gpu
 @pytest.mark.parametrize("variant", ["plain", "two-stage"])
-def test_a_gpu_training_step_copies_only_the_cost_matrices_and_the_logged_values(variant):
+def test_a_gpu_training_step_copies_only_the_cost_matrices_and_the_logged_values(
+        device_cupy, variant):
     from minidetr.engine import train_step
 
     cfg, model, criterion, optimizer, batch = _gpu_setup(variant)
@@ -216,13 +228,11 @@ def test_a_gpu_training_step_copies_only_the_cost_matrices_and_the_logged_values
     assert all(np.isfinite(v) for v in values.values()), values
 
 
-@pytest.mark.gpu
-def test_the_gpu_memory_pool_does_not_grow_from_step_to_step():
+def test_the_gpu_memory_pool_does_not_grow_from_step_to_step(device_cupy):
     from minidetr.engine import train_step
 
     _, model, criterion, optimizer, batch = _gpu_setup()
-    import cupy
-    pool, in_use = cupy.get_default_memory_pool(), []
+    pool, in_use = device_cupy.get_default_memory_pool(), []
     for _ in range(5):
         train_step(model, criterion, optimizer, batch, device="cuda")
         in_use.append(pool.used_bytes())
