@@ -3,6 +3,7 @@
 * ``xp``: parametrises a test over the array backends: NumPy; the NumPy-backed stand-in
   ``minidetr.fakecupy``, which fails on what CuPy would refuse (always); and CuPy when a
   GPU is present (skipped with the reason otherwise), so every check also runs on the GPU.
+* ``device_cupy``: for code that only runs on a GPU: fakecupy always, CuPy with a GPU.
 * ``shared_dir``: the ../shared folder beside the repository (skipped in a user's clone).
 * Hypothesis: a small, derandomised "ci" profile, so runs are reproducible and fast.
 """
@@ -55,6 +56,22 @@ def xp(request):
             yield fake
     else:
         yield np
+
+
+@pytest.fixture(params=[pytest.param("fakecupy", id="fakecupy"),
+                        pytest.param("cupy", id="cupy", marks=pytest.mark.gpu)])
+def device_cupy(request):
+    """CuPy for tests of GPU-only code paths (training step, benchmarks): the stand-in
+    minidetr.fakecupy everywhere, and the real CuPy where a GPU is present."""
+    if request.param == "cupy":
+        if not cupy_available():
+            pytest.skip(f"GPU path not tested on a real GPU: {why_no_cupy()}")
+        import cupy
+        yield cupy
+    else:
+        from minidetr import fakecupy
+        with fakecupy.installed() as fake:
+            yield fake
 
 
 @pytest.fixture

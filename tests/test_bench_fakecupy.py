@@ -6,8 +6,8 @@ code (CUDA-event timing, the memory pool's peak hook, device properties, the roo
 section) would waste it. Here they run at the smallest sizes through the command line:
 
 * on the fake CuPy (NumPy underneath, with CuPy's memory pool, hooks, events and device
-  queries imitated), everywhere; skipped where a real GPU is present, which runs
-  the same tests for real instead ("cupy" cases, marked ``gpu``);
+  queries imitated), everywhere, and where a GPU is present also on the real CuPy
+  ("cupy" cases, marked ``gpu``; the ``device_cupy`` fixture of conftest.py);
 * the fake's timing and memory APIs that the benchmarks rely on are checked first, with
   properties that real CuPy has too, so the same checks run on both.
 """
@@ -20,7 +20,6 @@ import numpy as np
 import pytest
 
 from minidetr import fakecupy
-from minidetr.backend import cupy_available, why_no_cupy
 from minidetr.bench_gpu import GPU_BACKENDS, device_bandwidth, floor_bytes, touched_value_rows
 from minidetr.bench_train import CupyMemory
 from minidetr.cli import main
@@ -30,21 +29,10 @@ from minidetr.models.config import VARIANTS, get_config
 POOL_UNIT = 512          # CuPy's pool rounds each allocation up to a multiple of this
 
 
-@pytest.fixture(params=[pytest.param("fakecupy", id="fakecupy"),
-                        pytest.param("cupy", id="cupy", marks=pytest.mark.gpu)])
-def cp(request):
-    """The CuPy the benchmarks run on: minidetr.fakecupy, or the real one with a GPU."""
-    if request.param == "cupy":
-        if not cupy_available():
-            pytest.skip(f"GPU benchmarks not run on a real GPU: {why_no_cupy()}")
-        import cupy
-        yield cupy
-    else:
-        if cupy_available():
-            pytest.skip("a real GPU is present: the GPU benchmarks run on it (the 'cupy' "
-                        "cases) instead of on minidetr.fakecupy")
-        with fakecupy.installed() as fake:
-            yield fake
+@pytest.fixture
+def cp(device_cupy):
+    """The CuPy the benchmarks run on: minidetr.fakecupy, and the real one with a GPU."""
+    return device_cupy
 
 
 def pool_round(nbytes):

@@ -16,8 +16,7 @@ import numpy as np
 import pytest
 
 from minidetr.backend import (TRANSFER_METHODS, HostTransferError, allow_transfers,
-                              cupy_available, guard_array_type, is_out_of_memory,
-                              transfer_guard, why_no_cupy)
+                              guard_array_type, is_out_of_memory, transfer_guard)
 
 
 class FakeDeviceArray:
@@ -184,20 +183,6 @@ def test_out_of_memory_errors_are_recognised():
 
 
 # --------------------------------------------------------------------------- on a GPU
-@pytest.fixture(params=["fakecupy", pytest.param("cupy", marks=pytest.mark.gpu)])
-def device_cupy(request):
-    """The training step's CuPy: minidetr.fakecupy everywhere, real CuPy with a GPU."""
-    if request.param == "cupy":
-        if not cupy_available():
-            pytest.skip(f"GPU training step not tested: {why_no_cupy()}")
-        import cupy
-        yield cupy
-    else:
-        from minidetr import fakecupy
-        with fakecupy.installed() as fake:
-            yield fake
-
-
 def _gpu_setup(variant="plain"):
     from minidetr.bench_train import synthetic_batch
     from minidetr.engine import build_param_groups
