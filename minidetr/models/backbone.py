@@ -205,15 +205,9 @@ class ResNet(nn.Module):
 
     def forward(self, x, return_layers=MULTI_SCALE_LAYERS):
         """The outputs of ``return_layers`` (in order), computing no layer beyond the last."""
-        return_layers = check_return_layers(return_layers)
         x = F.relu(self.bn1(self.conv1(x)))                    # (B, 64, H/2, W/2)
         x = F.max_pool2d(x, 3, stride=2, padding=1)            # (B, 64, H/4, W/4)
-        outputs = []
-        for layer_name in LAYER_NAMES[:LAYER_NAMES.index(return_layers[-1]) + 1]:
-            x = getattr(self, layer_name)(x)
-            if layer_name in return_layers:
-                outputs.append(x)
-        return outputs
+        return run_layers(self, x, return_layers)
 
     def extra_repr(self):
         return self.name
@@ -282,14 +276,8 @@ class TinyBackbone(nn.Module):
         self.layer_strides = dict(zip(LAYER_NAMES, (4, 8, 16, 32)))
 
     def forward(self, x, return_layers=MULTI_SCALE_LAYERS):
-        return_layers = check_return_layers(return_layers)
         x = self.stem(x)                                       # (B, c0, H/2, W/2)
-        outputs = []
-        for layer_name in LAYER_NAMES[:LAYER_NAMES.index(return_layers[-1]) + 1]:
-            x = getattr(self, layer_name)(x)
-            if layer_name in return_layers:
-                outputs.append(x)
-        return outputs
+        return run_layers(self, x, return_layers)
 
 
 # --------------------------------------------------------------------------- masks
@@ -322,6 +310,19 @@ def check_return_layers(return_layers):
         raise ValueError(f"return_layers must be distinct names from {LAYER_NAMES} in "
                          f"network order, got {return_layers!r}")
     return names
+
+
+def run_layers(body, x, return_layers):
+    """Run ``body.layer1`` ... on ``x`` up to the last of ``return_layers`` (no layer
+    beyond it is computed) and return the outputs of ``return_layers``, in order."""
+    return_layers = check_return_layers(return_layers)
+    last = LAYER_NAMES.index(return_layers[-1])
+    outputs = []
+    for layer_name in LAYER_NAMES[:last + 1]:
+        x = getattr(body, layer_name)(x)
+        if layer_name in return_layers:
+            outputs.append(x)
+    return outputs
 
 
 class Backbone(nn.Module):
