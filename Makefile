@@ -34,7 +34,7 @@ bench: $(STAMP)
 	$(PY) -m minidetr bench msda
 
 notebooks: $(STAMP)
-	$(PY) -m minidetr.notebook_tools build
+	$(PY) -m minidetr.lessons.notebooks build
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info

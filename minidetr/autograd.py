@@ -22,7 +22,7 @@ from contextlib import contextmanager
 
 import numpy as np
 
-from .backend import device_of, get_array_module, to_device
+from .backend import device_of, get_array_module, parse_device, to_device
 
 DEFAULT_DTYPE = np.float32
 
@@ -133,13 +133,12 @@ class Tensor:
 
         The copy is a new leaf: move parameters before building a graph with them.
         """
-        if device_of(self.data) == ("cpu" if device == "cpu" else "cuda"):
+        if device_of(self.data) == ("cpu" if parse_device(device) == "cpu" else "cuda"):
             return self
         return Tensor(to_device(self.data, device), requires_grad=self.requires_grad)
 
     def astype(self, dtype) -> "Tensor":
-        from .functional import cast
-        return cast(self, dtype)
+        return _F().cast(self, dtype)
 
     def retain_grad(self):
         """Keep ``.grad`` on this non-leaf tensor after backward (for inspection)."""

@@ -33,13 +33,37 @@ import numpy as np
 
 
 @functools.lru_cache(maxsize=1)
-def _import_cupy():
+def _import_real_cupy():
     """Return the cupy module, or None when it is not installed or not usable."""
     try:
         import cupy  # noqa: F401
     except Exception:  # ImportError, or a CUDA library that fails to load
         return None
     return cupy
+
+
+# The stand-ins of :func:`substitute_cupy` (innermost last); empty in normal use.
+_substitutes = []
+
+
+def _import_cupy():
+    """The CuPy module minidetr uses: a :func:`substitute_cupy` stand-in, or the real one."""
+    return _substitutes[-1] if _substitutes else _import_real_cupy()
+
+
+@contextmanager
+def substitute_cupy(module):
+    """Inside the block, minidetr takes ``module`` for CuPy (and its device for a GPU).
+
+    The one seam for stand-ins such as :mod:`minidetr.testing.fakecupy`, which makes the
+    GPU code path run, and fail as it would on a GPU, on a machine without one. The
+    choice is process-wide (CuPy itself is), and it is undone on exit.
+    """
+    _substitutes.append(module)
+    try:
+        yield module
+    finally:
+        _substitutes.remove(module)
 
 
 def cupy_available() -> bool:
@@ -96,21 +120,55 @@ def device_of(x) -> str:
     return "cuda" if is_cupy_array(x) else "cpu"
 
 
+class DeviceError(ValueError):
+    """A device name that is not one, or a GPU asked for where none is usable."""
+
+
+def parse_device(device) -> str:
+    """The canonical name of ``device``: ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
+
+    ``"gpu"`` means ``"cuda"``. The one place where device names are read: the Tensor,
+    Module and training code all call it. Raises :class:`DeviceError` for anything else.
+    """
+    name = str(device).strip().lower()
+    if name == "cpu":
+        return "cpu"
+    if name in ("cuda", "gpu"):
+        return "cuda"
+    if name.startswith("cuda:") and name[5:].isdigit():
+        return name
+    raise DeviceError(f"unknown device {device!r}: use 'cpu' or 'cuda' (or 'cuda:N')")
+
+
+def resolve_device(device) -> str:
+    """The device to compute on: ``"auto"`` (or None) means ``"cuda"`` when CuPy sees a
+    GPU, else ``"cpu"``; other names are checked by :func:`parse_device`.
+
+    Asking for a GPU without a usable one raises :class:`DeviceError` saying why.
+    """
+    if device is None or str(device).strip().lower() == "auto":
+        return "cuda" if cupy_available() else "cpu"
+    name = parse_device(device)
+    if name != "cpu" and not cupy_available():
+        raise DeviceError(f"--device {device}: the GPU backend is not available "
+                          f"({why_no_cupy()}); use --device cpu")
+    return name
+
+
 def to_device(x, device: str):
     """Copy an array to ``'cpu'`` (NumPy) or ``'cuda'`` (CuPy); no copy if already there."""
+    device = parse_device(device)
     if device == "cpu":
         if is_cupy_array(x):
             return x.get()
         return np.asarray(x)
-    if device in ("cuda", "gpu") or device.startswith("cuda:"):
-        cp = _import_cupy()
-        if cp is None or not cupy_available():
-            raise RuntimeError(f"cannot move to {device!r}: {why_no_cupy()}")
-        if device.startswith("cuda:"):
-            with cp.cuda.Device(int(device.split(":")[1])):
-                return cp.asarray(x)
-        return cp.asarray(x)
-    raise ValueError(f"unknown device {device!r}: use 'cpu' or 'cuda'")
+    cp = _import_cupy()
+    if cp is None or not cupy_available():
+        raise RuntimeError(f"cannot move to {device!r}: {why_no_cupy()}")
+    if device.startswith("cuda:"):
+        with cp.cuda.Device(int(device.split(":")[1])):
+            return cp.asarray(x)
+    return cp.asarray(x)
 
 
 def to_numpy(x):

@@ -9,7 +9,7 @@ Commands:
     bench               benchmarks: ``bench msda`` (multi-scale deformable attention),
                         ``bench train`` (training iterations, and transformers' if installed),
                         ``bench launches`` (GPU kernel launches per training step, counted
-                        on the CPU by minidetr.fakecupy)
+                        on the CPU by minidetr.testing.fakecupy)
     convert-checkpoint  a released PyTorch ``.pth`` -> a minidetr ``.npz`` (needs torch)
     check-reference     a converted checkpoint vs the published reference outputs
 
@@ -22,11 +22,9 @@ non-finite loss with status 1; Ctrl-C during training saves a checkpoint and exi
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
-from typing import NamedTuple
 
 # BLAS threads: the matrices of a model trained on a CPU here are small (d_model 64, a few
 # thousand tokens), where OpenBLAS's worker threads cost more than they give and fight with
@@ -36,12 +34,17 @@ from typing import NamedTuple
 for _variable in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_variable, "1")
 
-from .checkpoint import CheckpointError  # noqa: E402  (after the BLAS setting)
+from .backend import DeviceError  # noqa: E402  (after the BLAS setting)
 from .data import DatasetError  # noqa: E402
-from .engine import NonFiniteLossError  # noqa: E402
+from .files import write_json  # noqa: E402
+from .models.config import PRESETS as MODEL_PRESETS  # noqa: E402
+from .models.config import VARIANTS  # noqa: E402
+from .training.engine import NonFiniteLossError  # noqa: E402
+from .training.run_dir import RunError  # noqa: E402
+from .weights.checkpoint import CheckpointError  # noqa: E402
 
-CONFIGS = ("tiny", "small", "paper")
-VARIANTS = ("plain", "refine", "two-stage")
+CONFIGS = tuple(MODEL_PRESETS)            # tiny, small, paper
+VARIANT_NAMES = tuple(VARIANTS)           # plain, refine, two-stage
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
 
@@ -66,7 +69,7 @@ def _folder_splits(folder):
 
 def _data_paths(values, val_values=None):
     """``--data DIR`` (shapes layout) or ``--data ANN_JSON IMAGE_DIR --val-data ...``."""
-    from .train import DataPaths
+    from .training import DataPaths
 
     if len(values) == 1:
         train_ann, train_images, val_ann, val_images = _folder_splits(values[0])
@@ -104,7 +107,7 @@ def _resume_dir(args):
 
 
 def _print_metrics(metrics, title):
-    from .evaluation import METRIC_NAMES
+    from .training.evaluation import METRIC_NAMES
 
     print(title)
     for name in METRIC_NAMES:
@@ -112,57 +115,13 @@ def _print_metrics(metrics, title):
             print(f"  {name:5s} {metrics[name]:.4f}")
 
 
-class _Loaded(NamedTuple):
-    """A checkpoint's model, ready for eval/predict, with what came with it."""
+def _load_detector(args):
+    """The :class:`~minidetr.inference.Detector` of ``args.checkpoint`` (``--config``,
+    ``--variant`` and ``--device`` as given)."""
+    from .inference import Detector
 
-    model: object
-    postprocess: object
-    cfg: object               # ModelConfig
-    ckpt: object              # Checkpoint
-    category_map: object      # CategoryMap or None (converted checkpoints)
-    train_cfg: object         # TrainConfig (its transforms are reused for inference)
-    device: str
-
-
-def _load_model_for_inference(args) -> _Loaded:
-    """The model of ``args.checkpoint`` (or of ``--config/--variant``) with its weights."""
-    from .checkpoint import load_checkpoint, load_model_state
-    from .data import CategoryMap
-    from .models.build import build_model, build_postprocess
-    from .models.config import VARIANTS as VARIANT_FLAGS
-    from .models.config import get_config
-    from .train import TrainConfig, model_config_from_dict, resolve_device
-
-    device = resolve_device(args.device)
-    ckpt = load_checkpoint(args.checkpoint)
-    stored = model_config_from_dict(ckpt.model_config) if ckpt.model_config else None
-    if args.config is not None:
-        # a preset by name; the variant and the number of classes default to the stored ones
-        variant = args.variant or (_variant_of(stored) if stored else "plain")
-        cfg = get_config(args.config, variant)
-        if stored is not None:
-            cfg = cfg.replace(num_classes=stored.num_classes)
-    elif stored is not None:
-        # the recorded model, with another variant if asked
-        cfg = stored.replace(**VARIANT_FLAGS[args.variant]) if args.variant else stored
-    elif args.variant is not None:
-        cfg = get_config("paper", args.variant)
-    else:
-        raise UsageError(f"{ckpt.path} does not say which model it belongs to (a converted "
-                         "checkpoint?); pass --config and --variant")
-    model = build_model(cfg)
-    load_model_state(model, ckpt, cfg.to_dict())
-    if device != "cpu":
-        model.to(device)
-    model.eval()
-    category_map = (CategoryMap.from_dict(ckpt.category_map) if ckpt.category_map else None)
-    train_cfg = (TrainConfig.from_dict(ckpt.train_config) if ckpt.train_config
-                 else TrainConfig(transforms="paper"))
-    return _Loaded(model, build_postprocess(cfg), cfg, ckpt, category_map, train_cfg, device)
-
-
-def _variant_of(cfg):
-    return "two-stage" if cfg.two_stage else "refine" if cfg.with_box_refine else "plain"
+    return Detector.from_checkpoint(args.checkpoint, config=args.config, variant=args.variant,
+                                    device=args.device)
 
 
 def _image_files(inputs):
@@ -184,7 +143,7 @@ def _image_files(inputs):
 
 # --------------------------------------------------------------------------- commands
 def _cmd_demo(args):
-    from .train import run_demo
+    from .training.demo import run_demo, scaled_resolution
 
     out = args.out or ("runs/demo-quick" if args.quick else "runs/demo")
     if args.resume not in (None, True) and Path(args.resume) != Path(out):
@@ -205,20 +164,11 @@ def _cmd_demo(args):
     return 0 if final else 130
 
 
-def scaled_resolution(size):
-    """Training/validation sizes of the ``tiny`` preset scaled to a validation side ``size``."""
-    from .data import PRESETS
-
-    tiny = PRESETS["tiny"]
-    factor = size / tiny.val_size
-    return {"val_size": int(size), "max_size": int(round(tiny.max_size * factor)),
-            "train_scales": tuple(int(round(s * factor)) for s in tiny.scales)}
-
-
 def _cmd_train(args):
     from .data import CategoryMap, generate_shapes_dataset, load_coco_json
     from .models.config import get_config
-    from .train import (DEMO, DataPaths, TrainConfig, resume_training, run_training)
+    from .training import DataPaths, TrainConfig, resume_training, run_training
+    from .training.demo import DEMO
 
     progress = not args.no_progress
     if args.resume is not None:
@@ -257,19 +207,10 @@ def _cmd_train(args):
     return 0
 
 
-def _val_transforms(train_cfg):
-    """The deterministic resize + normalise the model was validated with."""
-    from .data import make_transforms
-
-    return make_transforms("val", train_cfg.transforms, val_size=train_cfg.val_size,
-                           max_size=train_cfg.max_size)
-
-
 def _cmd_eval(args):
-    from .data import CocoDetection, DataLoader
-    from .engine import evaluate
+    from .data import CocoDetection, DataLoader, FirstImages
     from .models.build import build_criterion
-    from .train import FirstImages
+    from .training.engine import evaluate
 
     if args.checkpoint is None:
         # ``eval --data DIR CHECKPOINT``: the greedy --data took the checkpoint too
@@ -280,41 +221,39 @@ def _cmd_eval(args):
                              "[--data ...]")
     if args.json and Path(args.json).exists() and not args.overwrite:
         raise UsageError(f"{args.json} already exists; pass --overwrite to replace it")
-    m = _load_model_for_inference(args)
+    m = _load_detector(args)
     if args.data:
         ann_file, image_dir = _eval_split(args.data)
-    elif m.ckpt.extra and "data" in m.ckpt.extra:
-        ann_file = m.ckpt.extra["data"]["val_annotations"]
-        image_dir = m.ckpt.extra["data"]["val_images"]
+    elif m.checkpoint.extra and "data" in m.checkpoint.extra:
+        ann_file = m.checkpoint.extra["data"]["val_annotations"]
+        image_dir = m.checkpoint.extra["data"]["val_images"]
     else:
-        raise UsageError(f"{m.ckpt.path} does not record its validation data; pass --data")
-    dataset = CocoDetection(image_dir, ann_file, transforms=_val_transforms(m.train_cfg),
+        raise UsageError(f"{m.checkpoint.path} does not record its validation data; pass "
+                         "--data")
+    dataset = CocoDetection(image_dir, ann_file, transforms=m.transforms,
                             label_map=m.category_map or "raw")
-    if dataset.category_map.num_classes > m.cfg.num_classes:
+    if dataset.category_map.num_classes > m.config.num_classes:
         raise UsageError(f"{ann_file} needs {dataset.category_map.num_classes} class logits, "
-                         f"the model has {m.cfg.num_classes}")
+                         f"the model has {m.config.num_classes}")
     if args.max_images is not None:
         dataset = FirstImages(dataset, args.max_images)
     loader = DataLoader(dataset, args.batch_size, num_workers=args.num_workers)
-    print(f"evaluating {m.ckpt.path} on {len(dataset)} images of {ann_file} ({m.device})")
-    metrics = evaluate(m.model, build_criterion(m.cfg), m.postprocess, loader.iter_epoch(0),
-                       dataset.coco, dataset.category_map, num_steps=len(loader),
-                       device=m.device, progress=not args.no_progress, verbose=True)
+    print(f"evaluating {m.checkpoint.path} on {len(dataset)} images of {ann_file} "
+          f"({m.device})")
+    metrics = evaluate(m.model, build_criterion(m.config), m.postprocess,
+                       loader.iter_epoch(0), dataset.coco, dataset.category_map,
+                       num_steps=len(loader), device=m.device,
+                       progress=not args.no_progress, verbose=True)
     _print_metrics(metrics, "COCO box metrics:")
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+        write_json(args.json, metrics)
         print(f"wrote {args.json}")
     return 0
 
 
 def _cmd_predict(args):
-    import numpy as np
-
-    from .backend import to_device
-    from .data import collate, load_rgb_image
-    from .engine import predict
-    from .visualize import draw_detections
+    from .data import load_rgb_image
+    from .training.plots import draw_detections
 
     files = _image_files(args.images)
     pngs = [Path(args.out) / f"{f.stem}.png" for f in files]
@@ -325,40 +264,33 @@ def _cmd_predict(args):
     if clashes and not args.overwrite:
         raise UsageError(f"{len(clashes)} output files already exist (e.g. {clashes[0]}); pass "
                          "--overwrite to replace them, or another --out")
-    m = _load_model_for_inference(args)
-    name_of = m.category_map.name_of if m.category_map else (lambda label: f"class {label}")
-    transforms = _val_transforms(m.train_cfg)
+    detector = _load_detector(args)
     for path, png in zip(files, pngs):
         image = load_rgb_image(path)
-        size = np.array([image.height, image.width], dtype=np.int64)     # (h, w)
-        no_boxes = {"boxes": np.zeros((0, 4), np.float32), "labels": np.zeros(0, np.int64),
-                    "orig_size": size, "size": size}
-        batch = collate([transforms(image, no_boxes)])
-        det = predict(m.model, m.postprocess, to_device(batch.images, m.device),
-                      to_device(batch.mask, m.device), size[None])[0]
-        draw_detections(image, det, name_of, png, score_threshold=args.threshold,
+        det = detector.predict_image(image)
+        draw_detections(image, det, detector.class_name, png, score_threshold=args.threshold,
                         title=f"{path.name}: score >= {args.threshold}")
         keep = det["scores"] >= args.threshold
         print(f"{path}: {int(keep.sum())} detections -> {png}")
         for score, label, box in zip(det["scores"][keep], det["labels"][keep],
                                      det["boxes"][keep]):
-            print(f"  {name_of(int(label))} {score:.2f} "
+            print(f"  {detector.class_name(label)} {score:.2f} "
                   f"[{', '.join(f'{v:.0f}' for v in box)}]")
     return 0
 
 
 def _cmd_check_reference(args):
     from .data import load_rgb_image
-    from .reference_outputs import check_reference_outputs
+    from .weights.reference_outputs import check_reference_outputs
 
-    m = _load_model_for_inference(args)
-    variant = _variant_of(m.cfg)
-    if m.cfg.num_classes != 91 or m.cfg.backbone != "resnet50":
-        raise UsageError(f"{m.ckpt.path}: the reference outputs belong to the released R50 "
-                         f"checkpoints (paper preset, 91 classes); this checkpoint is "
-                         f"{m.cfg.backbone} with {m.cfg.num_classes} classes")
+    m = _load_detector(args)
+    variant = m.config.variant
+    if m.config.num_classes != 91 or m.config.backbone != "resnet50":
+        raise UsageError(f"{m.checkpoint.path}: the reference outputs belong to the released "
+                         f"R50 checkpoints (paper preset, 91 classes); this checkpoint is "
+                         f"{m.config.backbone} with {m.config.num_classes} classes")
     ok, lines = check_reference_outputs(m.model, load_rgb_image(args.image), variant, m.device)
-    print(f"{m.ckpt.path} ({variant}) on {args.image}:")
+    print(f"{m.checkpoint.path} ({variant}) on {args.image}:")
     for line in lines:
         print("  " + line)
     print("all values within 1e-4 of the reference" if ok else
@@ -385,16 +317,16 @@ def _cmd_subset(args):
 
 def _cmd_bench(args):
     if args.what == "msda":
-        from .bench import bench_msda
+        from .bench.msda import bench_msda
         return bench_msda(backends=args.backend, repeats=args.repeats, shapes=args.shapes,
                           dtype=args.dtype, json_path=args.json)
     if args.what == "launches":
-        from .bench_launches import bench_launches
+        from .bench.launches import bench_launches
         bench_launches(config=args.config, variants=args.variant, batch=args.batch,
                        size=args.size, json_path=args.json)
         return 0
     if args.what == "train":
-        from .bench_train import bench_train
+        from .bench.train import bench_train
         return bench_train(config=args.config, variants=args.variant, device=args.device,
                            batch=args.batch, size=args.size, iterations=args.iterations,
                            warmup=args.warmup, compare_hf=not args.no_hf,
@@ -403,32 +335,15 @@ def _cmd_bench(args):
 
 
 def _cmd_convert(args):
-    from .checkpoint import convert_official_state_dict, save_checkpoint
+    from .weights.checkpoint import save_checkpoint
+    from .weights.official import convert_official_state_dict, read_pth_state_dict
 
     dst = Path(args.dst)
     if dst.exists() and not args.overwrite:
         raise UsageError(f"{dst} already exists; pass --overwrite to replace it")
-    try:
-        import torch
-    except ImportError:
-        raise UsageError("convert-checkpoint reads PyTorch .pth files and needs torch, which is "
-                         "not installed (minidetr itself never needs it): pip install torch "
-                         "(the CPU build is enough), then run this command again") from None
-    import argparse as _argparse
-
-    src = Path(args.src)
-    if not src.is_file():
-        raise UsageError(f"checkpoint not found: {src}")
-    # Official checkpoints also hold their argparse.Namespace; allow just that class, so
-    # the file is read with torch's restricted (weights-only) unpickler.
-    with torch.serialization.safe_globals([_argparse.Namespace]):
-        raw = torch.load(src, map_location="cpu", weights_only=True)
-    state = raw["model"] if isinstance(raw, dict) and "model" in raw else raw
-    if not isinstance(state, dict):
-        raise UsageError(f"{src}: expected a state dict (or a dict with a 'model' entry), got "
-                         f"{type(state).__name__}")
-    arrays = {k: v.detach().cpu().numpy() for k, v in state.items() if hasattr(v, "detach")}
-    ckpt, report = convert_official_state_dict(arrays, variant=args.variant, source=str(src))
+    arrays = read_pth_state_dict(args.src)
+    ckpt, report = convert_official_state_dict(arrays, variant=args.variant,
+                                               source=str(args.src))
     save_checkpoint(dst, ckpt, overwrite=args.overwrite)
     print(report)
     print(f"wrote {dst} ({len(ckpt.model_state)} arrays)")
@@ -469,7 +384,7 @@ def _common(parser, *, out_default=None, out=True, data=True, epochs=True, resum
 def _model_options(parser, default_config="tiny", default_variant="plain"):
     parser.add_argument("--config", default=default_config, choices=CONFIGS,
                         help=f"model size preset (default: {default_config})")
-    parser.add_argument("--variant", default=default_variant, choices=VARIANTS,
+    parser.add_argument("--variant", default=default_variant, choices=VARIANT_NAMES,
                         help=f"architecture variant (default: {default_variant})")
 
 
@@ -486,7 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--quick", action="store_true",
                    help="a one-minute smoke run (small data and model; default --out "
                         "runs/demo-quick)")
-    d.add_argument("--variant", default="plain", choices=VARIANTS, help="architecture variant")
+    d.add_argument("--variant", default="plain", choices=VARIANT_NAMES, help="architecture variant")
     d.add_argument("--data-dir", default=None,
                    help="where the shapes dataset is cached (default: data/shapes, "
                         "data/shapes-quick with --quick)")
@@ -547,7 +462,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(e, out=False, epochs=False, resume=False)
     e.add_argument("--config", default=None, choices=CONFIGS,
                    help="build this preset instead of the model recorded in the checkpoint")
-    e.add_argument("--variant", default=None, choices=VARIANTS,
+    e.add_argument("--variant", default=None, choices=VARIANT_NAMES,
                    help="build this variant instead of the recorded one")
     e.add_argument("--batch-size", type=int, default=4)
     e.add_argument("--num-workers", type=int, default=2)
@@ -564,7 +479,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(r, out_default="runs/predict", data=False, epochs=False, resume=False)
     r.add_argument("--config", default=None, choices=CONFIGS,
                    help="build this preset instead of the model recorded in the checkpoint")
-    r.add_argument("--variant", default=None, choices=VARIANTS,
+    r.add_argument("--variant", default=None, choices=VARIANT_NAMES,
                    help="build this variant instead of the recorded one")
     r.add_argument("--threshold", type=float, default=0.5,
                    help="show detections scoring at least this (default 0.5)")
@@ -590,7 +505,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "minidetr, and of transformers' Deformable DETR when "
                                    "transformers and torch are installed. launches: the GPU "
                                    "kernel launches of one training step by component and "
-                                   "call site, counted on the CPU (minidetr.fakecupy).")
+                                   "call site, counted on the CPU (minidetr.testing.fakecupy).")
     b.add_argument("what", choices=["msda", "train", "launches"], help="what to benchmark")
     b.add_argument("--json", default=None, help="where to write the results as JSON "
                                                 "(default runs/bench/<what>.json)")
@@ -629,7 +544,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "are checked against the paper model of that variant.")
     c.add_argument("src", help="the .pth file")
     c.add_argument("dst", help="the .npz to write")
-    c.add_argument("--variant", default=None, choices=VARIANTS,
+    c.add_argument("--variant", default=None, choices=VARIANT_NAMES,
                    help="check against (and record) the paper model of this variant")
     c.add_argument("--overwrite", action="store_true")
     c.set_defaults(func=_cmd_convert)
@@ -643,7 +558,7 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("checkpoint", help="a .npz from convert-checkpoint --variant ...")
     k.add_argument("image", help="the path of 000000039769.jpg (COCO val2017)")
     k.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    k.add_argument("--variant", default=None, choices=VARIANTS,
+    k.add_argument("--variant", default=None, choices=VARIANT_NAMES,
                    help="the variant, if the checkpoint was converted without --variant")
     k.set_defaults(func=_cmd_check_reference, config=None)
     return p
@@ -651,15 +566,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 # --------------------------------------------------------------------------- main
 def main(argv=None) -> int:
-    from .train import RunError
-
     args = build_parser().parse_args(argv)
     try:
         result = args.func(args)
     except NonFiniteLossError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    except (UsageError, RunError, CheckpointError, DatasetError, FileExistsError,
+    except (UsageError, RunError, CheckpointError, DatasetError, DeviceError, FileExistsError,
             FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -38,8 +38,8 @@ import os
 import matplotlib.pyplot as plt
 import numpy as np
 
-from minidetr import viz
-from minidetr.notebook_tools import load_example
+from minidetr.lessons import viz
+from minidetr.lessons.notebooks import load_example
 from minidetr.ops import msda
 from minidetr.ops.msda.reference import bilinear_corners
 from minidetr.testing import assert_allclose, gradcheck

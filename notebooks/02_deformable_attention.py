@@ -46,10 +46,10 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from minidetr import functional as F
-from minidetr import viz
 from minidetr.autograd import Tensor, no_grad
+from minidetr.lessons import viz
+from minidetr.lessons.notebooks import load_example
 from minidetr.nn import MSDeformAttn
-from minidetr.notebook_tools import load_example
 from minidetr.ops.msda.reference import bilinear_corners, deformable_attention_single_scale
 from minidetr.testing import assert_allclose
 

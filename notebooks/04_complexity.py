@@ -69,8 +69,8 @@ import numba  # noqa: E402
 import numpy as np  # noqa: E402
 
 from minidetr import functional as F  # noqa: E402
-from minidetr import viz  # noqa: E402
 from minidetr.autograd import Tensor, no_grad  # noqa: E402
+from minidetr.lessons import viz  # noqa: E402
 from minidetr.nn import MSDeformAttn, MultiheadAttention  # noqa: E402
 from minidetr.ops import msda  # noqa: E402
 
@@ -239,12 +239,12 @@ plt.show()
 # ## At the paper's size
 #
 # The formulas at the shapes of the paper's encoder: a $\sim 800 \times 1200$ image gives
-# four levels, $S = 19947$ tokens (`minidetr.bench.PAPER_LEVELS`), $C = 256$, $M = 8$,
+# four levels, $S = 19947$ tokens (`minidetr.bench.common.PAPER_LEVELS`), $C = 256$, $M = 8$,
 # $L = K = 4$. Full attention over all of them would store an $S \times S$ matrix per
 # head; deformable attention stores $MLK$ locations and weights per token.
 
 # %%
-from minidetr.bench import PAPER_LEVELS
+from minidetr.bench.common import PAPER_LEVELS
 
 S = sum(h * w for h, w in PAPER_LEVELS)
 Cp, Mp, Lp, Kp = 256, 8, 4, 4

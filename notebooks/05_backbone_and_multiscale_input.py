@@ -48,14 +48,14 @@ import os
 import matplotlib.pyplot as plt
 import numpy as np
 
-from minidetr import viz
-from minidetr import viz_model as vm
 from minidetr.autograd import no_grad
 from minidetr.data import Compose, Normalize, Resize, collate
+from minidetr.lessons import viz
+from minidetr.lessons import viz_model as vm
+from minidetr.lessons.notebooks import example_to_sample, load_example
 from minidetr.models import build_model, get_config
 from minidetr.models.backbone import build_backbone, interpolate_mask
 from minidetr.models.deformable_transformer import get_valid_ratio
-from minidetr.notebook_tools import example_to_sample, load_example
 from minidetr.testing import assert_allclose
 
 SMALL = os.environ.get("MINIDETR_NOTEBOOK_PRESET") == "tiny"

@@ -47,13 +47,13 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from minidetr import functional as F
-from minidetr import viz
-from minidetr import viz_model as vm
 from minidetr.autograd import Tensor, no_grad
 from minidetr.data import Compose, Normalize, Resize, collate
+from minidetr.lessons import viz
+from minidetr.lessons import viz_model as vm
+from minidetr.lessons.notebooks import example_to_sample, load_example
 from minidetr.models import build_model, get_config
 from minidetr.models.deformable_transformer import get_reference_points
-from minidetr.notebook_tools import example_to_sample, load_example
 from minidetr.ops.msda import ms_deform_attn
 from minidetr.testing import assert_allclose
 

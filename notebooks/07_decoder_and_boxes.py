@@ -52,12 +52,12 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from minidetr import functional as F
-from minidetr import viz_model as vm
 from minidetr.autograd import Tensor, no_grad
 from minidetr.data import Compose, Normalize, Resize, collate
+from minidetr.lessons import viz_model as vm
+from minidetr.lessons.notebooks import example_to_sample, load_example
 from minidetr.models import build_model, get_config, inverse_sigmoid
 from minidetr.models.deformable_transformer import box_from_reference
-from minidetr.notebook_tools import example_to_sample, load_example
 from minidetr.testing import assert_allclose
 
 SMALL = os.environ.get("MINIDETR_NOTEBOOK_PRESET") == "tiny"

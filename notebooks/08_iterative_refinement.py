@@ -44,16 +44,16 @@ import time
 import matplotlib.pyplot as plt
 import numpy as np
 
-from minidetr import viz_model as vm
 from minidetr.autograd import no_grad
 from minidetr.data import Compose, Normalize, Resize, collate
-from minidetr.engine import train_one_epoch
-from minidetr.models import (box_cxcywh_to_xyxy, build_criterion, build_model, get_config,
-                             elementwise_generalized_box_iou)
+from minidetr.lessons import viz_model as vm
+from minidetr.lessons.notebooks import example_to_sample, load_example
+from minidetr.models import (box_cxcywh_to_xyxy, build_criterion, build_model,
+                             elementwise_generalized_box_iou, get_config)
 from minidetr.models.deformable_transformer import box_from_reference
-from minidetr.notebook_tools import example_to_sample, load_example
 from minidetr.optim import AdamW
 from minidetr.testing import assert_allclose
+from minidetr.training.engine import train_one_epoch
 
 SMALL = os.environ.get("MINIDETR_NOTEBOOK_PRESET") == "tiny"
 SEED = 0
@@ -107,7 +107,7 @@ print(f"untrained: the {len(per_layer)} layers predict the same boxes, e.g. quer
 # To see the refinement at work we overfit this one picture (the real recipe is in
 # notebook 11): the set loss of notebook 10 on all 4 layers, AdamW with a learning rate
 # of $3 \cdot 10^{-3}$ (the paper's $2 \cdot 10^{-4}$ is for long runs on COCO), gradient
-# clipping at 0.1, through `minidetr.engine.train_one_epoch`. We stop once early on, to
+# clipping at 0.1, through `minidetr.training.engine.train_one_epoch`. We stop once early on, to
 # look at the boxes while the layers still disagree, then train on.
 
 # %%

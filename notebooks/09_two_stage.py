@@ -42,17 +42,16 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from minidetr import functional as F
-from minidetr import viz
-from minidetr import viz_model as vm
 from minidetr.autograd import Tensor, no_grad
 from minidetr.data import Compose, Normalize, Resize, collate
-from minidetr.engine import train_one_epoch
+from minidetr.lessons import viz
+from minidetr.lessons import viz_model as vm
+from minidetr.lessons.notebooks import example_to_sample, load_example
 from minidetr.models import build_criterion, build_model, get_config
-from minidetr.models.deformable_transformer import (encoder_output_proposals,
-                                                    get_proposal_pos_embed)
-from minidetr.notebook_tools import example_to_sample, load_example
+from minidetr.models.deformable_transformer import encoder_output_proposals, get_proposal_pos_embed
 from minidetr.optim import AdamW
 from minidetr.testing import assert_allclose
+from minidetr.training.engine import train_one_epoch
 
 SMALL = os.environ.get("MINIDETR_NOTEBOOK_PRESET") == "tiny"
 SEED = 0

@@ -52,12 +52,12 @@ import os
 import matplotlib.pyplot as plt
 import numpy as np
 
-from minidetr import viz_model as vm
 from minidetr.autograd import Tensor
+from minidetr.lessons import viz_model as vm
+from minidetr.lessons.notebooks import load_example
 from minidetr.models import (HungarianMatcher, SetCriterion, box_cxcywh_to_xyxy, box_iou,
                              box_xyxy_to_cxcywh, build_weight_dict, elementwise_box_iou,
                              generalized_box_iou, match_single, sigmoid_focal_loss)
-from minidetr.notebook_tools import load_example
 from minidetr.testing import assert_allclose
 
 SMALL = os.environ.get("MINIDETR_NOTEBOOK_PRESET") == "tiny"

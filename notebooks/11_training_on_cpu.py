@@ -34,8 +34,8 @@
 # 1. the built-in shapes dataset (five coloured shapes, real COCO files);
 # 2. the `tiny` model and the recipe of the CPU demo;
 # 3. training, in about a minute, with every loss term recorded at every step;
-# 4. COCO AP, recomputed from the checkpoint with `minidetr.evaluation`;
-# 5. detections drawn on validation images with `minidetr.visualize`.
+# 4. COCO AP, recomputed from the checkpoint with `minidetr.training.evaluation`;
+# 5. detections drawn on validation images with `minidetr.training.plots`.
 #
 # It is a short version of **`make demo`** (`python -m minidetr demo`), which trains on
 # 1000 images for 16 epochs in about 4 minutes on 2 cores and reaches **AP50 ≈ 0.93**
@@ -43,10 +43,10 @@
 # done.
 #
 # **Doc:** [training.md](../docs/training.md) (recipe, evaluation, run folder, the demo) and
-# [data.md](../docs/data.md) (the shapes dataset). **Code:** `minidetr/train.py`
-# (`run_training`, `TrainConfig`, `DEMO`), `minidetr/engine.py` (`train_one_epoch`,
-# `evaluate`, `predict`), `minidetr/evaluation.py` (`CocoEvaluator`),
-# `minidetr/visualize.py`.
+# [data.md](../docs/data.md) (the shapes dataset). **Code:** `minidetr/training/`:
+# `trainer.py` (`run_training`), `config.py` (`TrainConfig`), `demo.py` (`DEMO`),
+# `engine.py` (`train_one_epoch`, `evaluate`), `evaluation.py` (`CocoEvaluator`),
+# `plots.py`; `minidetr/inference.py` (`predict`).
 
 # %%
 import os
@@ -64,17 +64,20 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
-from IPython.display import Image as DisplayImage, display
+from IPython.display import Image as DisplayImage
+from IPython.display import display
 from PIL import Image
 
-from minidetr import viz_model as vm
-from minidetr.checkpoint import load_checkpoint, load_model_state
 from minidetr.data import CocoDetection, DataLoader, collate, generate_shapes_dataset
-from minidetr.engine import build_param_groups, predict
-from minidetr.evaluation import METRIC_NAMES, CocoEvaluator
-from minidetr.models import (box_xyxy_to_cxcywh, build_criterion, build_model,
-                             build_postprocess, get_config)
-from minidetr.train import DEMO, DataPaths, TrainConfig, build_datasets, run_training
+from minidetr.inference import predict
+from minidetr.lessons import viz_model as vm
+from minidetr.models import (box_xyxy_to_cxcywh, build_criterion, build_model, build_postprocess,
+                             get_config)
+from minidetr.training import DataPaths, TrainConfig, build_datasets, run_training
+from minidetr.training.demo import DEMO
+from minidetr.training.engine import build_param_groups
+from minidetr.training.evaluation import METRIC_NAMES, CocoEvaluator
+from minidetr.weights.checkpoint import load_checkpoint, load_model_state
 
 SMALL = os.environ.get("MINIDETR_NOTEBOOK_PRESET") == "tiny"
 N_TRAIN, N_VAL = (16, 8) if SMALL else (320, 64)          # images per split
@@ -119,7 +122,7 @@ plt.show()
 # The `tiny` preset: a small convolutional backbone trained from scratch (no ImageNet
 # weights), $C = 64$, $M = 4$ heads, 2 encoder + 2 decoder layers, $L = 3$ levels,
 # $K = 2$ points, 20 queries, 5 classes: 0.28 M parameters, against the paper's 40 M.
-# The training settings are the demo's (`minidetr.train.DEMO`); they differ from the
+# The training settings are the demo's (`minidetr.training.demo.DEMO`); they differ from the
 # paper's where a model trained from scratch on a CPU needs it
 # ([training.md §7](../docs/training.md#7-the-demo)):
 #
@@ -218,7 +221,7 @@ plt.tight_layout()
 plt.show()
 
 # %% [markdown]
-# The run folder holds the epoch-level view, drawn by `minidetr.visualize.plot_losses`
+# The run folder holds the epoch-level view, drawn by `minidetr.training.plots.plot_losses`
 # (`loss.png`: training solid, validation dashed) and `plot_ap` (`ap.png`), the same
 # files `make demo` writes to `runs/demo/`:
 
@@ -272,7 +275,7 @@ print("same numbers as the run's last evaluation:",
 # %% [markdown]
 # ## 6. Detections on validation images
 #
-# At the end of a run, `minidetr.visualize.draw_detections` draws the detections above a
+# At the end of a run, `minidetr.training.plots.draw_detections` draws the detections above a
 # score threshold (coloured, with class and score) and the ground truth (dashed white)
 # on the first validation images, in `predictions/`. COCO AP ranks all 100 detections of
 # an image by score and needs no threshold; a picture does. The demo draws scores

@@ -36,7 +36,7 @@
 # 3. runs the Numba kernels under Numba's CUDA simulator, against the reference (§5);
 # 4. on a GPU: checks both backends against the reference (§6), times them with CUDA
 #    events (§7), and trains on a COCO subset (§8);
-# 5. without a GPU again: runs GPU code paths on `minidetr.fakecupy`, a CuPy stand-in that
+# 5. without a GPU again: runs GPU code paths on `minidetr.testing.fakecupy`, a CuPy stand-in that
 #    fails where CuPy would, and counts kernel launches: of a layer, of AdamW, of a
 #    training step (§9).
 #
@@ -44,14 +44,14 @@
 # > checks for CuPy and a device first and, here, says so and skips; §1–§5 and §9 run on
 # > any machine (§3 and the fused AdamW of §9 need g++, §4 nvcc, each skipped with a
 # > message without it). On a machine with CuPy and a GPU,
-# > `python -m minidetr.notebook_tools build 12` re-runs it with the GPU parts.
+# > `python -m minidetr.lessons.notebooks build 12` re-runs it with the GPU parts.
 #
 # **Doc:** [gpu-kernels.md](../docs/gpu-kernels.md) (design, tests, comparison with the
 # official kernel), [gpu-training.md](../docs/gpu-training.md) (one code path, host
 # copies, testing without a GPU, launch counts). **Code:**
 # `minidetr/ops/msda/cupy_kernels.cu`, `cupy_backend.py`, `numba_cuda.py`,
-# `cpu_harness.cpp`, `cpu_harness.py`; timing in `minidetr/bench.py`; the CuPy stand-in in
-# `minidetr/fakecupy.py`, launch counts in `minidetr/bench_launches.py`.
+# `cpu_harness.cpp`, `cpu_harness.py`; timing in `minidetr/bench/msda.py`; the CuPy stand-in in
+# `minidetr/testing/fakecupy.py`, launch counts in `minidetr/bench/launches.py`.
 
 # %%
 import html
@@ -71,16 +71,17 @@ import numpy as np
 from IPython.display import HTML, display
 
 import minidetr.nn as nn
-from minidetr import bench, bench_launches, fakecupy
 from minidetr.autograd import Tensor
-from minidetr.backend import (HostTransferError, allow_transfers, cupy_available,
-                              get_array_module, to_device, to_numpy, transfer_guard,
-                              why_no_cupy)
-from minidetr.notebook_tools import REPO
-from minidetr.ops import adamw_kernel, elementwise_harness, msda
+from minidetr.backend import (HostTransferError, allow_transfers, cupy_available, get_array_module,
+                              to_device, to_numpy, transfer_guard, why_no_cupy)
+from minidetr.bench import common as bench
+from minidetr.bench import launches as bench_launches
+from minidetr.bench import msda as bench_msda
+from minidetr.lessons.notebooks import REPO
+from minidetr.ops import adamw_kernel, msda
 from minidetr.ops.msda import cpu_harness, cupy_backend, numba_cuda, reference
 from minidetr.optim import AdamW
-from minidetr.testing import assert_allclose
+from minidetr.testing import assert_allclose, elementwise_harness, fakecupy
 
 SMALL = os.environ.get("MINIDETR_NOTEBOOK_PRESET") == "tiny"
 SEED = 0
@@ -336,7 +337,7 @@ for kernel in ["msda_forward<float, 4>"] + ([] if SMALL else ["msda_forward<floa
 # (shared memory between two barriers); everything else is the code that runs on a GPU.
 # A small problem, forward and both backward paths, against the reference. The test
 # suite runs four such cases (float32 and float64, $D = 5$ and $71$):
-# `tests/test_msda_gpu.py::test_numba_cuda_kernels_in_simulator_match_reference`.
+# `tests/ops/test_msda_gpu.py::test_numba_cuda_kernels_in_simulator_match_reference`.
 
 # %%
 SIMULATOR_SCRIPT = """
@@ -407,20 +408,20 @@ else:
 # %% [markdown]
 # ## 7. Timing with CUDA events
 #
-# `minidetr.bench.bench_msda` (`python -m minidetr bench msda`) times each backend: a
+# `minidetr.bench.msda.bench_msda` (`python -m minidetr bench msda`) times each backend: a
 # warm-up call (compilation, module loading), then the median of several calls, each
 # between two CUDA events recorded on the stream, so the time is the GPU's, not Python's.
 # For the GPU rows it adds the memory roofline: the bytes a pass must move at least, and
 # the bandwidth achieved. The timer:
 
 # %%
-print(inspect.getsource(bench._gpu_timer))
+print(inspect.getsource(bench.cuda_time_ms))
 bench_rows = []
 if not GPU:
     print(f"skipped: no GPU here ({why_no_cupy()}); nothing to time")
 else:
     shapes = "tiny" if SMALL else "encoder,decoder"
-    bench_rows = [row for row in bench.bench_msda(
+    bench_rows = [row for row in bench_msda.bench_msda(
         backends="cupy,numba-cuda", shapes=shapes, repeats=3 if SMALL else 10,
         json_path=WORK / "msda.json") if "forward_ms" in row]
     labels = [f"{row['backend']}\n{row['shape']}" for row in bench_rows]
@@ -455,7 +456,7 @@ elif not (COCO / "annotations" / "instances_train2017.json").is_file():
 else:
     from minidetr.data import CategoryMap, load_coco_json
     from minidetr.models import get_config
-    from minidetr.train import DataPaths, TrainConfig, run_training
+    from minidetr.training import DataPaths, TrainConfig, run_training
 
     annotations = str(COCO / "annotations" / "instances_train2017.json")
     images = str(COCO / "images")
@@ -484,12 +485,12 @@ else:
     plt.show()
 
 # %% [markdown]
-# ## 9. Testing GPU code without a GPU: `minidetr.fakecupy`
+# ## 9. Testing GPU code without a GPU: `minidetr.testing.fakecupy`
 #
 # minidetr has one code path: every Function takes its array module from its inputs
 # (`xp = get_array_module(x)`), so the same lines run on NumPy and on CuPy arrays. But a
 # machine without a GPU only ever runs the NumPy half, and a line that is right for NumPy
-# and wrong for CuPy stays hidden until someone has a GPU. `minidetr.fakecupy` is a
+# and wrong for CuPy stays hidden until someone has a GPU. `minidetr.testing.fakecupy` is a
 # stand-in for CuPy, backed by NumPy, that **fails where CuPy fails**: its `ndarray` wraps
 # a NumPy array and refuses to become one, refuses NumPy arrays as operands, sends every
 # host conversion (`float()`, `.item()`, `if x:` ...) through one visible copy, and
@@ -498,7 +499,7 @@ else:
 # gives fake device arrays. The arithmetic underneath is NumPy's, so results equal the
 # NumPy path's bit for bit; what the fake cannot tell is speed and memory limits. Details
 # and the test suite's use of it:
-# [gpu-training.md §3](../docs/gpu-training.md#3-testing-the-gpu-path-without-a-gpu-minidetrfakecupy).
+# [gpu-training.md §3](../docs/gpu-training.md#3-testing-the-gpu-path-without-a-gpu-minidetrtestingfakecupy).
 #
 # **Two planted bugs.** The first run on the fake found five bugs that a GPU would have
 # hit. Two of them, replayed in tiny functions:
@@ -685,7 +686,7 @@ print("by file:", ", ".join(f"{name} {n}" for name, n in attn_launches_by_file.m
 # same order as **one** `ElementwiseKernel` launch per parameter, whose body is the CUDA C
 # below (`minidetr/ops/adamw_kernel.py`,
 # [gpu-kernels.md](../docs/gpu-kernels.md#fused-adamw)); the fake runs that body through a
-# loop that g++ compiles (`minidetr.ops.elementwise_harness`). Three steps on four
+# loop that g++ compiles (`minidetr.testing.elementwise_harness`). Three steps on four
 # parameters, with the readable update (`fused=False`) and with the kernel, counted per
 # step; the first step also creates the moments (two launches per parameter):
 
@@ -720,9 +721,9 @@ else:
     print(f"after 3 steps the parameters of both are bit-equal: {adamw_bit_equal}")
 
 # %% [markdown]
-# **A whole training step.** `minidetr.bench_launches.count_step_launches` (the command
+# **A whole training step.** `minidetr.bench.launches.count_step_launches` (the command
 # `python -m minidetr bench launches`) runs two training steps of
-# `minidetr.engine.train_step` (forward, matcher and losses, backward, clipping, AdamW) on
+# `minidetr.training.engine.train_step` (forward, matcher and losses, backward, clipping, AdamW) on
 # the fake device and counts the second, attributing each launch to a component of the
 # model; a backward kernel belongs to the component whose forward recorded the operation.
 # The `tiny` model on a synthetic batch (the full table for the larger presets is in the

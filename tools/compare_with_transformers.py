@@ -208,7 +208,7 @@ def hf_model_like(cfg, state, dtype):
     import torch
     from transformers import DeformableDetrForObjectDetection
 
-    from minidetr.bench_hf import hf_config
+    from minidetr.bench.train_hf import hf_config
 
     config = hf_config(cfg)
     config._attn_implementation = "eager"

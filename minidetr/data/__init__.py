@@ -13,8 +13,8 @@ The path of one training batch, top to bottom:
 ``make_subset`` (subset.py) carves a small COCO subset out of a full download.
 See docs/data.md.
 """
-from .coco import (CategoryMap, CocoDetection, DatasetError, DatasetWarning, load_coco_json,
-                   load_rgb_image, to_rgb8)
+from .coco import (CategoryMap, CocoDetection, DatasetError, DatasetWarning, FirstImages,
+                   load_coco_json, load_rgb_image, to_rgb8)
 from .loader import Batch, DataLoader, collate, epoch_order, sample_rng
 from .shapes import CLASSES as SHAPES_CLASSES
 from .shapes import ShapesPaths, generate_shapes_dataset, render_shapes_image
@@ -24,7 +24,8 @@ from .transforms import (IMAGENET_MEAN, IMAGENET_STD, PRESETS, AugmentationPrese
                          RandomSizeCrop, Resize, make_transforms, resize_size)
 
 __all__ = [
-    "CategoryMap", "CocoDetection", "DatasetError", "DatasetWarning", "load_coco_json",
+    "CategoryMap", "CocoDetection", "DatasetError", "DatasetWarning", "FirstImages",
+    "load_coco_json",
     "load_rgb_image", "to_rgb8",
     "Batch", "DataLoader", "collate", "epoch_order", "sample_rng",
     "SHAPES_CLASSES", "ShapesPaths", "generate_shapes_dataset", "render_shapes_image",

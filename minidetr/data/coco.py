@@ -467,3 +467,29 @@ class CocoDetection:
     def __repr__(self):
         return (f"CocoDetection({len(self)} images, {self._counts['objects']} objects, "
                 f"{self.category_map!r}, ann_file={str(self.ann_file)!r})")
+
+
+class FirstImages:
+    """The first ``n`` images of a dataset: the same samples, the same augmentation streams.
+
+    Quacks like :class:`CocoDetection` for the loader, the evaluator and the pictures
+    (``get``, ``load``, ``ids``, ``coco``, ``category_map``); ``--max-train-images`` and
+    ``eval --max-images`` use it.
+    """
+
+    def __init__(self, dataset, n):
+        self.dataset = dataset
+        self.n = min(int(n), len(dataset))
+        self.ids = dataset.ids[:self.n]
+        self.coco = dataset.coco
+        self.category_map = dataset.category_map
+
+    def __len__(self):
+        return self.n
+
+    def get(self, index, rng=None):
+        return self.dataset.get(index, rng)
+
+    def load(self, index):
+        return self.dataset.load(index)
+

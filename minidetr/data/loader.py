@@ -90,8 +90,8 @@ class DataLoader:
         collate_fn: turns a list of samples into a batch (default :func:`collate`).
 
     ``for batch in loader`` runs epoch ``loader.epoch`` and then advances it by one;
-    ``loader.set_epoch(e)`` (e.g. when resuming) or ``loader.iter_epoch(e)`` pick an epoch
-    explicitly.
+    ``loader.set_epoch(e)`` or ``loader.iter_epoch(e)`` pick an epoch explicitly, and
+    ``loader.iter_epoch(e, first_step)`` the rest of one (resuming mid-epoch).
     """
 
     def __init__(self, dataset, batch_size, *, shuffle=False, seed=0, drop_last=False,
@@ -135,9 +135,18 @@ class DataLoader:
         self.epoch += 1
         return self.iter_epoch(epoch)
 
-    def iter_epoch(self, epoch):
-        """Yield the batches of ``epoch`` (a generator; stopping early is fine)."""
-        batches = self.batch_indices(epoch)
+    def iter_epoch(self, epoch, first_step=0):
+        """Yield the batches of ``epoch`` from batch ``first_step`` on (a generator;
+        stopping early is fine).
+
+        ``first_step > 0`` resumes an interrupted epoch: every sample still draws its
+        augmentation from ``(seed, epoch, index)``, so these batches are exactly the
+        ones the uninterrupted epoch would have had.
+        """
+        if not 0 <= int(first_step) <= len(self):
+            raise ValueError(f"DataLoader.iter_epoch: first_step must be in 0..{len(self)}, "
+                             f"got {first_step}")
+        batches = self.batch_indices(epoch)[int(first_step):]
         if self.num_workers == 0:
             for indices in batches:
                 yield self.collate_fn([self._load(i, epoch) for i in indices])

@@ -14,13 +14,12 @@ one logit per chosen category.
 from __future__ import annotations
 
 import filecmp
-import json
-import os
 import shutil
 from pathlib import Path
 
 import numpy as np
 
+from ..files import write_json
 from .coco import DatasetError, load_coco_json
 
 
@@ -45,14 +44,6 @@ def _resolve_categories(data, categories, ann_file):
     if not chosen:
         raise DatasetError("make_subset: categories is empty; pass None for all categories")
     return chosen
-
-
-def _write_json_atomic(data, path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.partial")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f)
-    os.replace(tmp, path)
 
 
 def make_subset(ann_file, out_json, categories=None, num_images=None, seed=0, image_dir=None,
@@ -132,7 +123,7 @@ def make_subset(ann_file, out_json, categories=None, num_images=None, seed=0, im
         images_dir = Path(copy_images_to)
         _copy_images(images, image_dir, images_dir, overwrite)
 
-    _write_json_atomic(subset, out_json)
+    write_json(out_json, subset, indent=None)
     return {"out_json": out_json, "num_images": len(images),
             "num_annotations": len(subset["annotations"]),
             "category_ids": sorted(chosen),

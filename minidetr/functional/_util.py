@@ -29,20 +29,6 @@ def operand(x, like):
     return as_array(x, dtype=ref.dtype if ref.dtype.kind == "f" else None, like=ref)
 
 
-def normalize_axis(axis, ndim):
-    """``axis`` (None, int or tuple, negatives allowed) as a sorted tuple of non-negative ints."""
-    if axis is None:
-        return tuple(range(ndim))
-    if isinstance(axis, int):
-        axis = (axis,)
-    out = []
-    for a in axis:
-        if not -ndim <= a < ndim:
-            raise ValueError(f"axis {a} is out of range for an array of {ndim} dimensions")
-        out.append(a % ndim)
-    return tuple(sorted(out))
-
-
 def single_axis(name, axis, ndim):
     """One axis (an int, negatives allowed) as a non-negative int, or a clear error naming ``name``."""
     if isinstance(axis, bool) or not isinstance(axis, (int, np.integer)):

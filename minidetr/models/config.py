@@ -98,6 +98,21 @@ class ModelConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    @classmethod
+    def from_dict(cls, d) -> "ModelConfig":
+        """The validated config of ``to_dict()``'s output, also after a JSON round trip
+        (which turns tuples into lists). Unknown field names are a ValueError."""
+        d = dict(d)
+        if "tiny_channels" in d:
+            d["tiny_channels"] = tuple(d["tiny_channels"])
+        _check_field_names(d, where="the stored model configuration: ")
+        return cls(**d).validate()
+
+    @property
+    def variant(self) -> str:
+        """The name of this architecture variant: "plain", "refine" or "two-stage"."""
+        return "two-stage" if self.two_stage else "refine" if self.with_box_refine else "plain"
+
     def validate(self) -> "ModelConfig":
         """Raise ValueError/TypeError naming the offending field; return self if all is well."""
         for name in ("d_model", "nheads", "enc_layers", "dec_layers", "dim_feedforward",
@@ -150,11 +165,11 @@ def _positive_int(cfg, name):
         raise ValueError(f"ModelConfig.{name} must be a positive int, got {value!r}")
 
 
-def _check_field_names(changes):
+def _check_field_names(changes, where=""):
     known = {f.name for f in dataclasses.fields(ModelConfig)}
     unknown = sorted(set(changes) - known)
     if unknown:
-        raise ValueError(f"unknown ModelConfig field(s) {unknown}; known fields: "
+        raise ValueError(f"{where}unknown ModelConfig field(s) {unknown}; known fields: "
                          f"{sorted(known)}")
 
 

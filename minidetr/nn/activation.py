@@ -35,6 +35,8 @@ class Dropout(Module):
     In evaluation (``module.eval()``) it returns the input unchanged.
     """
 
+    has_rng = True          # Module.seed_dropout / rng_state / set_rng_state find it
+
     def __init__(self, p: float = 0.5, rng=None):
         super().__init__()
         self.p = _checks.probability(p, "p", "Dropout")

@@ -69,10 +69,6 @@ def zeros_(t):
     return constant_(t, 0.0)
 
 
-def ones_(t):
-    return constant_(t, 1.0)
-
-
 # --------------------------------------------------------------------------- random
 def uniform_(t, a: float = 0.0, b: float = 1.0, rng=None):
     """Fill with samples of U(a, b)."""

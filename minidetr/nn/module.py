@@ -35,7 +35,7 @@ from typing import Iterator, NamedTuple
 import numpy as np
 
 from ..autograd import Tensor
-from ..backend import device_of, to_device, to_numpy
+from ..backend import device_of, parse_device, to_device, to_numpy
 
 
 # --------------------------------------------------------------------------- Parameter
@@ -340,8 +340,7 @@ class Module:
         The Parameter objects stay the same (only their arrays move), so move the model
         *before* building an optimiser's state for it.
         """
-        if device not in ("cpu", "cuda", "gpu") and not str(device).startswith("cuda:"):
-            raise ValueError(f"unknown device {device!r}: use 'cpu' or 'cuda'")
+        device = parse_device(device)
         self._apply_to_arrays(lambda a: to_device(a, device), floating_only=False)
         return self
 
@@ -355,9 +354,12 @@ class Module:
         return self
 
     # ------------------------------------------------------------------ dropout RNG
+    # A layer that draws random numbers sets ``has_rng = True`` and keeps its NumPy
+    # Generator in ``self.rng`` (Dropout does); the methods below find it by this marker.
+    has_rng = False
+
     def _dropouts(self):
-        from .activation import Dropout
-        return [(name, m) for name, m in self.named_modules() if isinstance(m, Dropout)]
+        return [(name, m) for name, m in self.named_modules() if m.has_rng]
 
     def seed_dropout(self, seed: int) -> "Module":
         """Give every Dropout of the tree its own stream, spawned from ``SeedSequence(seed)``.
@@ -477,7 +479,6 @@ __all__ = ["Parameter", "Module", "ModuleList", "Sequential", "LoadResult"]
 def _alias_conflicts(targets, state_dict):
     """Keys that name one shared tensor (e.g. ``class_embed.0`` ... ``class_embed.5`` of one
     head) but carry different values in ``state_dict``: loading would keep only the last."""
-    from ..backend import to_numpy
 
     def host_values(key):
         """The values under ``key`` on the host (``.data`` only of a Tensor: a CuPy

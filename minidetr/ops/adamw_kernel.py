@@ -73,7 +73,7 @@ OPTIONS = ("--fmad=false",)
 @functools.lru_cache(maxsize=None)
 def kernel_for(xp):
     """The fused AdamW kernel of the array module ``xp`` (cupy, or any module with CuPy's
-    ``ElementwiseKernel``, e.g. :mod:`minidetr.fakecupy`). Built once per module; one
+    ``ElementwiseKernel``, e.g. :mod:`minidetr.testing.fakecupy`). Built once per module; one
     object serves float32 and float64 (CuPy compiles each dtype on first use)."""
     return xp.ElementwiseKernel(IN_PARAMS, OUT_PARAMS, OPERATION, NAME, options=OPTIONS)
 

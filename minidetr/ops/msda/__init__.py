@@ -32,7 +32,10 @@ spatial_shapes, level_start_index, sampling_locations, attention_weights)`` and
 ``backward(grad_output, value, ...) -> (grad_value, grad_sampling_locations,
 grad_attention_weights)``. It receives arrays already checked by :func:`validate_inputs`:
 C-contiguous, one float dtype, ``spatial_shapes`` and ``level_start_index`` int64 on the
-same device as ``value``.
+same device as ``value``. :func:`backend_module` returns the module of an available
+backend (the benchmarks call it directly, on inputs checked once), and
+:func:`substitute_backend` swaps in a stand-in for a block (the CPU test bed of the GPU
+path, :mod:`minidetr.testing.fakecupy`, does).
 
 Shapes:
     value                (N, S, M, D)        S = sum_l H_l * W_l
@@ -46,6 +49,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+from contextlib import contextmanager
 
 import numpy as np
 
@@ -66,7 +70,19 @@ _DEVICES = {"numpy": ("cpu", "cuda"), "numba": ("cpu",), "cupy": ("cuda",),
 _AUTO_ORDER = {"cpu": ("numba", "numpy"), "cuda": ("cupy", "numba-cuda", "numpy")}
 
 
+# Modules standing in for a registered backend (see substitute_backend); empty normally.
+_substitutes = {}
+
+
 # --------------------------------------------------------------------------- registry
+def _load(name):
+    """The module of backend ``name``: a :func:`substitute_backend` stand-in, or the
+    registered module (imported on first use)."""
+    if name in _substitutes:
+        return _substitutes[name]
+    return importlib.import_module(_BACKENDS[name])
+
+
 @functools.lru_cache(maxsize=None)
 def backend_status(name: str):
     """``(available, reason)`` for one backend name; the module is imported on first use.
@@ -76,7 +92,7 @@ def backend_status(name: str):
     if name not in _BACKENDS:
         raise ValueError(f"unknown MSDA backend {name!r}; known: {sorted(_BACKENDS)}")
     try:
-        module = importlib.import_module(_BACKENDS[name])
+        module = _load(name)
     except ImportError as e:
         return False, f"{_BACKENDS[name]} cannot be imported ({e})"
     try:
@@ -86,16 +102,47 @@ def backend_status(name: str):
     return bool(ok), str(reason)
 
 
+@contextmanager
+def substitute_backend(name: str, module):
+    """Inside the block, backend ``name`` is ``module`` (any object with the three
+    functions ``is_available``, ``forward`` and ``backward``).
+
+    The seam for stand-ins: :mod:`minidetr.testing.fakecupy` runs the ``"cupy"`` backend
+    on the CPU this way. Undone on exit.
+    """
+    if name not in _BACKENDS:
+        raise ValueError(f"unknown MSDA backend {name!r}; known: {sorted(_BACKENDS)}")
+    if name in _substitutes:
+        raise RuntimeError(f"MSDA backend {name!r} is already substituted")
+    _substitutes[name] = module
+    backend_status.cache_clear()
+    try:
+        yield module
+    finally:
+        del _substitutes[name]
+        backend_status.cache_clear()
+
+
+def backend_device(name: str) -> str:
+    """``"cpu"`` or ``"cuda"``: where the arrays of backend ``name`` live (the reference,
+    which runs on both, counts as a CPU backend)."""
+    if name not in _DEVICES:
+        raise ValueError(f"unknown MSDA backend {name!r}; known: {sorted(_DEVICES)}")
+    return "cpu" if "cpu" in _DEVICES[name] else "cuda"
+
+
 def available_backends():
     """Names of the backends that can run here, e.g. ``['numpy', 'numba']``."""
     return [name for name in _BACKENDS if backend_status(name)[0]]
 
 
-def _module(name):
+def backend_module(name):
+    """The module of an available backend (its ``forward``/``backward`` take arrays that
+    :func:`validate_inputs` has checked); a RuntimeError says why one is unavailable."""
     ok, reason = backend_status(name)
     if not ok:
         raise RuntimeError(f"MSDA backend {name!r} is not available: {reason}")
-    return importlib.import_module(_BACKENDS[name])
+    return _load(name)
 
 
 def resolve_backend(backend, value) -> str:
@@ -220,7 +267,7 @@ def forward(value, spatial_shapes, level_start_index, sampling_locations, attent
     """
     arrays = validate_inputs(value, spatial_shapes, level_start_index, sampling_locations,
                              attention_weights)
-    return _module(resolve_backend(backend, arrays[0])).forward(*arrays)
+    return backend_module(resolve_backend(backend, arrays[0])).forward(*arrays)
 
 
 def backward(grad_output, value, spatial_shapes, level_start_index, sampling_locations,
@@ -230,7 +277,7 @@ def backward(grad_output, value, spatial_shapes, level_start_index, sampling_loc
     """
     *arrays, grad_output = validate_inputs(value, spatial_shapes, level_start_index,
                                            sampling_locations, attention_weights, grad_output)
-    return _module(resolve_backend(backend, arrays[0])).backward(grad_output, *arrays)
+    return backend_module(resolve_backend(backend, arrays[0])).backward(grad_output, *arrays)
 
 
 # --------------------------------------------------------------------------- autograd
@@ -248,13 +295,13 @@ class MSDeformAttnFunction(Function):
                                  sampling_locations, attention_weights)
         ctx.backend = resolve_backend(backend, arrays[0])
         ctx.save_for_backward(*arrays)
-        return _module(ctx.backend).forward(*arrays)
+        return backend_module(ctx.backend).forward(*arrays)
 
     @staticmethod
     def backward(ctx, grad):
         arrays = ctx.saved_tensors
         xp = get_array_module(grad)
-        grad_value, grad_loc, grad_attn = _module(ctx.backend).backward(
+        grad_value, grad_loc, grad_attn = backend_module(ctx.backend).backward(
             xp.ascontiguousarray(grad), *arrays)
         need_value, _, _, need_loc, need_attn = ctx.needs_input_grad
         return (grad_value if need_value else None, None, None,
@@ -277,5 +324,6 @@ def ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations,
                                       sampling_locations, attention_weights, backend=backend)
 
 
-__all__ = ["forward", "backward", "available_backends", "backend_status", "validate_inputs",
-           "resolve_backend", "MSDeformAttnFunction", "ms_deform_attn"]
+__all__ = ["forward", "backward", "available_backends", "backend_status", "backend_module",
+           "backend_device", "substitute_backend", "validate_inputs", "resolve_backend",
+           "MSDeformAttnFunction", "ms_deform_attn"]

@@ -207,7 +207,7 @@ T __shfl_down_sync(unsigned mask, T value, unsigned delta, int width = 32) {
 #include "cupy_kernels.cu"
 
 // ------------------------------------------------------------------------- self-tests
-// Two kernels that test the emulation itself (tests/test_msda_gpu.py): what every lane
+// Two kernels that test the emulation itself (tests/ops/test_msda_gpu.py): what every lane
 // receives from a shuffle, and that a lane leaving before a full-mask shuffle is caught.
 template <typename T>
 __global__ void harness_shuffle_probe(T* out, int delta, int width) {

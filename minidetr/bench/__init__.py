@@ -1,0 +1,14 @@
+"""Benchmarks: ``python -m minidetr bench msda|train|launches``.
+
+================  =====================================================================
+:mod:`.common`    shapes and inputs, timers, memory meters, machine info (shared)
+:mod:`.msda`      the deformable-attention op per backend, forward and backward
+:mod:`.msda_gpu`  its GPU columns: the memory-roofline floor, achieved bandwidth, and
+                  PyTorch's ``grid_sample`` on the same inputs (when installed)
+:mod:`.train`     whole training iterations: time, images/s, peak memory
+:mod:`.train_hf`  the same iteration of transformers' Deformable DETR (when installed)
+:mod:`.launches`  GPU kernel launches of one training step, counted on the CPU
+================  =====================================================================
+
+Speed is measured here, never by timed tests; the numbers go into the docs.
+"""

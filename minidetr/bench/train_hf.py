@@ -1,0 +1,189 @@
+"""The reference row of ``python -m minidetr bench train``: HuggingFace's Deformable DETR.
+
+:func:`bench_hf` times one training iteration of transformers'
+``DeformableDetrForObjectDetection`` (PyTorch) the way :mod:`minidetr.bench.train`
+times minidetr's: forward with the labels (its own Hungarian matcher and losses),
+backward, gradient clipping at 0.1, AdamW, and reading the loss on the host, with the
+same synthetic batch on the same device. torch and transformers are imported only here
+and only when asked for; minidetr never depends on them.
+
+The model is built from a ``DeformableDetrConfig`` that matches the minidetr preset
+(:func:`hf_config`): d_model, heads, encoder/decoder layers, FFN width, dropout, queries,
+feature levels, sampling points, classes, box refinement, two-stage, auxiliary losses
+and the matcher's costs. Its backbone is transformers' own ResNet with random weights
+(no download): ResNet-18/34/50 as in the preset, or, for ``tiny``, a one-block-per-stage
+ResNet with the TinyBackbone's widths (close, not identical: the costs there are small
+anyway). Which parameters train follows the official rule, as minidetr does: for a
+ResNet the stem and the first stage are frozen, the rest trains (transformers' own rule
+looks for ``stage.1`` in names that read ``stages.1`` and so would freeze the whole
+backbone, skipping its backward); the tiny backbone trains whole.
+
+The multi-scale deformable attention runs as transformers runs it by default (its
+PyTorch ``grid_sample`` version unless a hub kernel is installed and reachable).
+
+Timing: CUDA events on a GPU (``torch.cuda.Event``), ``time.perf_counter`` on a CPU.
+Memory on a GPU: ``torch.cuda.max_memory_allocated`` over one iteration (peak),
+``torch.cuda.memory_reserved`` (reserved, the caching allocator's counterpart of
+CuPy's pool), the change of ``memory_allocated`` over the timed iterations (growth),
+and the device's total; on a CPU the same ``ru_maxrss`` figures as minidetr's rows.
+"""
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+
+from .common import CpuMemory, cpu_time_ms, synthetic_batch, time_steps
+
+# transformers ResNetConfig arguments of each minidetr backbone
+RESNETS = {
+    "resnet18": dict(layer_type="basic", depths=[2, 2, 2, 2],
+                     hidden_sizes=[64, 128, 256, 512], embedding_size=64),
+    "resnet34": dict(layer_type="basic", depths=[3, 4, 6, 3],
+                     hidden_sizes=[64, 128, 256, 512], embedding_size=64),
+    "resnet50": dict(layer_type="bottleneck", depths=[3, 4, 6, 3],
+                     hidden_sizes=[256, 512, 1024, 2048], embedding_size=64),
+}
+
+
+def hf_status(device):
+    """(True, "transformers X, torch Y") when the comparison can run on ``device``,
+    else (False, why not)."""
+    missing = [m for m in ("torch", "transformers") if importlib.util.find_spec(m) is None]
+    if missing:
+        return False, f"{' and '.join(missing)} not installed (pip install torch transformers)"
+    import torch
+    import transformers
+    if device == "cuda" and not torch.cuda.is_available():
+        return False, f"torch {torch.__version__} sees no CUDA device"
+    return True, f"transformers {transformers.__version__}, torch {torch.__version__}"
+
+
+def hf_config(cfg):
+    """A transformers ``DeformableDetrConfig`` matching the minidetr ModelConfig ``cfg``."""
+    from transformers import DeformableDetrConfig, ResNetConfig
+
+    if cfg.backbone == "tiny":
+        c = cfg.tiny_channels
+        resnet = dict(layer_type="basic", depths=[1, 1, 1, 1], hidden_sizes=list(c),
+                      embedding_size=c[0])
+    else:
+        resnet = RESNETS[cfg.backbone]
+    stages = ["stage2", "stage3", "stage4"] if cfg.num_feature_levels > 1 else ["stage4"]
+    return DeformableDetrConfig(
+        backbone_config=ResNetConfig(**resnet, out_features=stages),
+        d_model=cfg.d_model, encoder_attention_heads=cfg.nheads,
+        decoder_attention_heads=cfg.nheads, encoder_layers=cfg.enc_layers,
+        decoder_layers=cfg.dec_layers, encoder_ffn_dim=cfg.dim_feedforward,
+        decoder_ffn_dim=cfg.dim_feedforward, dropout=cfg.dropout,
+        num_queries=cfg.num_queries, two_stage_num_proposals=cfg.num_queries,
+        num_feature_levels=cfg.num_feature_levels, encoder_n_points=cfg.n_points,
+        decoder_n_points=cfg.n_points, num_labels=cfg.num_classes,
+        auxiliary_loss=cfg.aux_loss, with_box_refine=cfg.with_box_refine,
+        two_stage=cfg.two_stage, class_cost=_whole(cfg.set_cost_class),
+        bbox_cost=_whole(cfg.set_cost_bbox), giou_cost=_whole(cfg.set_cost_giou),
+        bbox_loss_coefficient=_whole(cfg.bbox_loss_coef),
+        giou_loss_coefficient=_whole(cfg.giou_loss_coef), focal_alpha=cfg.focal_alpha)
+
+
+def _whole(value):
+    """2.0 -> 2: transformers 5 declares the costs and loss coefficients as ints."""
+    return int(value) if float(value).is_integer() else value
+
+
+def build_hf_model(cfg, device, seed=0):
+    """transformers' detector for ``cfg`` on ``device``, training mode, official freezing."""
+    import torch
+    from transformers import DeformableDetrForObjectDetection
+
+    torch.manual_seed(seed)
+    model = DeformableDetrForObjectDetection(hf_config(cfg))
+    for name, p in model.model.backbone.named_parameters():
+        trained_stage = any(f"stages.{i}." in name for i in (1, 2, 3))
+        p.requires_grad_(cfg.backbone == "tiny" or trained_stage)
+    return model.to(torch.device(device)).train()
+
+
+def hf_inputs(batch, device):
+    """A minidetr ``Batch`` as transformers' arguments: pixel_values, pixel_mask (1 =
+    valid pixel, the opposite of minidetr's mask) and labels (class_labels, boxes)."""
+    import torch
+
+    dev = torch.device(device)
+    pixel_values = torch.from_numpy(batch.images).to(dev)                   # (B, 3, H, W)
+    pixel_mask = torch.from_numpy((~batch.mask).astype(np.int64)).to(dev)   # (B, H, W)
+    labels = [{"class_labels": torch.from_numpy(t["labels"].astype(np.int64)).to(dev),
+               "boxes": torch.from_numpy(t["boxes"]).to(dev)} for t in batch.targets]
+    return pixel_values, pixel_mask, labels
+
+
+class TorchCudaMemory:
+    """Memory of a torch GPU row (see the module docstring)."""
+
+    note = ("GPU (torch): peak = max_memory_allocated during one step; reserved = "
+            "memory_reserved; growth = memory_allocated after the last timed step minus "
+            "after the first")
+
+    def __init__(self):
+        import torch
+        self.torch = torch
+        torch.cuda.empty_cache()
+
+    def in_use(self):
+        return self.torch.cuda.memory_allocated()
+
+    def peak_of_one(self, step):
+        self.torch.cuda.reset_peak_memory_stats()
+        step()
+        return self.torch.cuda.max_memory_allocated()
+
+    def summary(self, peak, in_use):
+        cuda = self.torch.cuda
+        return {"peak_bytes": peak, "reserved_bytes": cuda.memory_reserved(),
+                "growth_bytes": in_use[-1] - in_use[0],
+                "device_total_bytes": cuda.get_device_properties(0).total_memory}
+
+
+def torch_cuda_time_ms(step):
+    """Milliseconds between two CUDA events around ``step`` on torch's current stream."""
+    import torch
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    step()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end)
+
+
+def bench_hf(config, variant, device, batch, height, width, *, iterations, warmup, seed=0):
+    """One row: transformers' training iteration for ``config``/``variant``."""
+    import torch
+    import transformers
+
+    from ..models.config import get_config
+
+    cfg = get_config(config, variant)
+    memory = TorchCudaMemory() if device == "cuda" else CpuMemory()
+    model = build_hf_model(cfg, device, seed)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trained, lr=2e-4, weight_decay=1e-4)
+    data = synthetic_batch(batch, height, width, cfg.num_classes, np.random.default_rng(seed))
+    pixel_values, pixel_mask, labels = hf_inputs(data, device)
+
+    def step():
+        out = model(pixel_values=pixel_values, pixel_mask=pixel_mask, labels=labels)
+        optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(trained, 0.1)
+        optimizer.step()
+        out.loss.item()                     # the logged loss, as minidetr's step reads it
+
+    timer = torch_cuda_time_ms if device == "cuda" else cpu_time_ms
+    result = time_steps(step, iterations=iterations, warmup=warmup, timer=timer,
+                        memory=memory)
+    return {"framework": "transformers", **result, "memory_note": memory.note,
+            "versions": f"transformers {transformers.__version__}, torch {torch.__version__}",
+            "torch_threads": torch.get_num_threads()}
+
+
+__all__ = ["bench_hf", "hf_status", "hf_config", "build_hf_model", "hf_inputs"]
