@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import json
 import zipfile
+import zlib
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +49,17 @@ _META_KEYS = ("optim", "schedule", "progress", "rng", "model_config", "train_con
 
 class CheckpointError(ValueError):
     """A checkpoint is missing, unreadable, or does not fit the model it is loaded into."""
+
+
+class CorruptCheckpointError(CheckpointError):
+    """The file is damaged (truncated, not a zip, a corrupt member): it cannot be read at all.
+
+    ``member`` is the archive member at fault (``"model/x.npy"``), or None for the whole file.
+    """
+
+    def __init__(self, message, member=None):
+        super().__init__(message)
+        self.member = member
 
 
 @dataclass
@@ -134,12 +146,49 @@ def save_checkpoint(path, ckpt: Checkpoint, overwrite: bool = False) -> Path:
             raise TypeError(f"save_checkpoint: model_state[{key!r}] must be a NumPy array "
                             f"(use model.state_dict()), got {type(value).__name__}")
     arrays = _encode(ckpt)
-    with atomic_write(path) as f:        # the previous file survives any failure
+    nbytes = sum(a.nbytes for a in arrays.values()) + 200 * len(arrays)   # + zip/npy headers
+    with atomic_write(path, what="checkpoint", size_hint=nbytes) as f:  # the old file survives
         np.savez(f, **arrays)
     return path
 
 
 # --------------------------------------------------------------------------- loading
+_DAMAGE = (OSError, EOFError, SyntaxError, zipfile.BadZipFile, zlib.error)
+
+
+def _read_members(path) -> dict:
+    """Every member of the archive as an array; a damaged one raises naming the member.
+
+    An ``object`` array (which only pickle can read) is refused as such; any other
+    failure to read a member (a bad ``.npy`` header, a CRC mismatch, missing bytes) means
+    the file is damaged, and says so.
+    """
+    arrays = {}
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except (ValueError, *_DAMAGE) as e:
+        raise CorruptCheckpointError(f"{path}: damaged: not a readable .npz archive "
+                                     f"({type(e).__name__}: {e})") from None
+    with archive:
+        for key in archive.files:
+            member = f"{key}.npy"
+            try:
+                arrays[key] = archive[key]
+            except ValueError as e:
+                if "allow_pickle" in str(e):      # an object array: only pickle reads it
+                    raise CheckpointError(f"{path}: member {member!r} holds Python objects "
+                                          "(an object array), which cannot be read without "
+                                          "pickle; minidetr never unpickles (its "
+                                          "checkpoints hold only plain arrays)") from None
+                raise CorruptCheckpointError(f"{path}: damaged: archive member {member!r} is "
+                                             f"corrupt ({e})", member) from None
+            except _DAMAGE as e:
+                raise CorruptCheckpointError(f"{path}: damaged: archive member {member!r} is "
+                                             f"corrupt ({type(e).__name__}: {e})",
+                                             member) from None
+    return arrays
+
+
 def load_checkpoint(path) -> Checkpoint:
     """Read a checkpoint written by :func:`save_checkpoint` (never unpickles anything).
 
@@ -151,17 +200,10 @@ def load_checkpoint(path) -> Checkpoint:
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     if not zipfile.is_zipfile(path):
-        raise CheckpointError(f"{path}: not a readable .npz archive (not a zip file); is it "
-                              "complete?")
-    try:
-        with np.load(path, allow_pickle=False) as archive:
-            arrays = {key: archive[key] for key in archive.files}
-    except ValueError as e:          # object arrays refuse to load without pickle
-        raise CheckpointError(f"{path}: cannot be read without pickle ({e}); minidetr "
-                              "checkpoints hold only plain arrays") from None
-    except (OSError, EOFError, zipfile.BadZipFile) as e:
-        raise CheckpointError(f"{path}: not a readable .npz archive ({e}); is it complete?"
-                              ) from None
+        raise CorruptCheckpointError(f"{path}: damaged: not a readable .npz archive (not a zip "
+                                     f"file; {path.stat().st_size} bytes), e.g. a truncated "
+                                     "copy or an interrupted download")
+    arrays = _read_members(path)
     if "format" not in arrays:
         raise CheckpointError(f"{path}: not a minidetr checkpoint (no 'format' entry); a "
                               "PyTorch .pth file must first be converted with `python -m "
@@ -271,5 +313,5 @@ def load_model_state(model, ckpt: Checkpoint, model_config: dict | None = None):
     model.load_state_dict(ckpt.model_state, strict=True)
 
 
-__all__ = ["Checkpoint", "CheckpointError", "save_checkpoint", "load_checkpoint",
+__all__ = ["Checkpoint", "CheckpointError", "CorruptCheckpointError", "save_checkpoint", "load_checkpoint",
            "check_model_state", "load_model_state", "FORMAT"]
