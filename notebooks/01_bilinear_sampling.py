@@ -16,7 +16,7 @@
 # %% [markdown]
 # # 1. Bilinear sampling by hand
 #
-# **Paper:** Deformable DETR (Zhu et al., ICLR 2021), §3, Eq. (1): *"As
+# **Paper:** Deformable DETR (Zhu et al., ICLR 2021), §3, Eq. (2): *"As
 # $p_q + \Delta p_{mqk}$ is fractional, bilinear interpolation is applied as in Dai et al.
 # (2017) in computing $x(p_q + \Delta p_{mqk})$."* Every sampling point of deformable
 # attention reads the feature map this way, so this notebook takes the one operation apart:
@@ -342,8 +342,13 @@ print(result)
 # **Kinks.** The derivative in $x$ is piecewise constant: it jumps wherever $u$ crosses an
 # integer (a pixel centre, where the pair of columns changes) and at the skip lines.
 # There `floor` picks the cell on the right, so the kernels return the right-hand
-# derivative. Finite differences straddling a kink average the two sides, which is why
-# gradient tests keep their random points away from pixel centres.
+# derivative, as `grid_sample`'s backward does, with one exception: exactly on $u = -1$
+# (or $v = -1$) the point is skipped and its gradient is 0, where the right-hand derivative
+# is $W\,V_{	ext{row}, 0} 
+e 0$. On $u = W$ (or $v = H$) both right-hand neighbours are
+# outside, so the right-hand derivative is 0 anyway and the skip changes nothing (exercise
+# 1 measures both). Finite differences straddling a kink average the two sides, which is
+# why gradient tests keep their random points away from pixel centres.
 
 # %%
 xs_fine = np.linspace(-0.2, 1.2, 141 if SMALL else 701)
@@ -360,6 +365,28 @@ for ax in axes:
         ax.axvline(c, color="0.8", linewidth=0.6)
 axes[1].set_xlabel("normalised x (grey: pixel centres, where ds/dx jumps)")
 plt.show()
+
+# %% [markdown]
+# ## Exercises
+#
+# Solutions, each a function that asserts its answer:
+# [solutions/01_bilinear_sampling.py](solutions/01_bilinear_sampling.py).
+#
+# 1. **Predict.** On the two skip lines $u = -1$ and $u = W$ the op returns $\partial s/\partial x = 0$.
+#    `grid_sample`'s backward returns the right-hand derivative there (`floor` picks the cell on
+#    the right). On which of the two lines do they differ, and why not on the other? Check with
+#    one-sided finite differences of `msda.forward`.
+# 2. **Implement, and watch checks fail.** Write `sample_align_corners(x, y)` with
+#    `align_corners=True` ($u = x\,(W - 1)$: $x = 0$ and $x = 1$ are the centres of the outer
+#    columns). Which of this notebook's checks fail with it: "pixel centres are read exactly",
+#    "$s(x = 0) = V_{\text{row}, 0}/2$"? Where do the two conventions agree?
+# 3. **Break something.** Compute the value gradient of two points that share neighbours with
+#    NumPy fancy indexing, `grad[rows] += weights`, instead of a scatter-add (`np.add.at`).
+#    What do finite differences say? (NumPy buffers fancy-index `+=`: a repeated row gets only
+#    its last contribution.)
+# 4. **Predict.** How many entries of `grad_value` does one point make non-zero: inside the map,
+#    exactly on the left edge $x = 0$, near the top-left corner at $(0.02, 0.05)$, and at
+#    $x = -0.2$?
 
 # %% [markdown]
 # ## Checks

@@ -14,10 +14,10 @@
 # ---
 
 # %% [markdown]
-# # 2. Deformable attention, Eq. (1)
+# # 2. Deformable attention, Eq. (2)
 #
 # **Paper:** Deformable DETR (Zhu et al., ICLR 2021), §3 "Deformable Attention Module",
-# Eq. (1). A query with content feature $z_q$ at the reference point $p_q$ attends to a
+# Eq. (2). A query with content feature $z_q$ at the reference point $p_q$ attends to a
 # feature map $x \in \mathbb{R}^{C \times H \times W}$ through $K$ sampled points per head:
 #
 # $$
@@ -36,7 +36,7 @@
 # are those of minidetr's `MSDeformAttn` layer with one level ($L = 1$).
 #
 # **Doc:** [deformable-attention.md](../docs/deformable-attention.md), section 1
-# ("From Eq. (1) to Eq. (2)"). **Code:** `minidetr/nn/msdeform_attn.py` (`MSDeformAttn`),
+# ("From Eq. (2) to Eq. (3)"). **Code:** `minidetr/nn/msdeform_attn.py` (`MSDeformAttn`),
 # `minidetr/ops/msda/reference.py` (`deformable_attention_single_scale`).
 
 # %%
@@ -93,7 +93,7 @@ plt.show()
 # ## The layer: $M = 3$ heads, $K = 4$ points
 #
 # `MSDeformAttn(d_model=C, n_levels=1, n_heads=M, n_points=K)` holds the four projections
-# of Eq. (1): `sampling_offsets` ($z_q \mapsto \Delta p$, $MK \cdot 2$ numbers),
+# of Eq. (2): `sampling_offsets` ($z_q \mapsto \Delta p$, $MK \cdot 2$ numbers),
 # `attention_weights` ($z_q \mapsto$ the $MK$ logits of $A$), `value_proj` ($W'$, all
 # heads at once, $C \to C$ split into $M$ heads of $D = C/M$ channels) and `output_proj`
 # ($W$, the heads concatenated then projected).
@@ -176,12 +176,12 @@ print("attention weights of the middle query (M, K):\n", attn[0, 1, :, 0].round(
 assert np.allclose(attn.sum(axis=-1), 1, atol=1e-6), "A sums to 1 over the K points of a head"
 
 # %% [markdown]
-# ## Eq. (1) by hand, for one query
+# ## Eq. (2) by hand, for one query
 #
 # In pixel units (pixel $(i, j)$ centred at $(u, v) = (j, i)$, as in notebook 1) the
 # query's reference point is $p_q = (j, i)$ and its points are $p_q + \Delta p_{mqk}$; the
 # op takes the same points normalised, $((u + \tfrac12)/W, (v + \tfrac12)/H)$, which is
-# what `sampling_locations_and_weights` returned. We evaluate the bracket of Eq. (1) with
+# what `sampling_locations_and_weights` returned. We evaluate the bracket of Eq. (2) with
 # explicit loops over heads and points, then apply $W_m$, and compare with the layer.
 
 # %%
@@ -212,14 +212,14 @@ with no_grad():
     full = layer(Tensor(z_q), Tensor(p_q), Tensor(x_flat), [[H, W]], [0]).data   # (1, Lq, C)
 print("by hand     :", by_hand.round(6))
 print("MSDeformAttn:", full[0, q].round(6))
-assert_allclose(full[0, q], by_hand, rtol=1e-5, atol=1e-6, what="Eq. (1) by hand vs layer")
+assert_allclose(full[0, q], by_hand, rtol=1e-5, atol=1e-6, what="Eq. (2) by hand vs layer")
 assert_allclose(loc[0, q, :, 0], (np.array([j, i]) + offsets + 0.5) / np.array([W, H]),
                 rtol=1e-5, atol=1e-6, what="normalised sampling locations")
 
 # the bracket alone is the op on the projected value: the single-scale reference
 single = deformable_attention_single_scale(value[None].astype(np.float32), (H, W),
                                            loc[:, :, :, 0], attn[:, :, :, 0])  # (1, Lq, C)
-assert_allclose(single[0, q], heads.reshape(C), rtol=1e-5, atol=1e-6, what="bracket of Eq. (1)")
+assert_allclose(single[0, q], heads.reshape(C), rtol=1e-5, atol=1e-6, what="bracket of Eq. (2)")
 print("layer = by hand = W [single-scale op]: OK")
 
 # %% [markdown]
@@ -269,7 +269,7 @@ assert_allclose(loc0[0, :, :, 0] - p_q[0, :, None, None, 0],      # the initial 
                 np.broadcast_to(layer.initial_offsets()[:, 0] / np.array([W, H]), (Lq, M, K, 2)),
                 rtol=1e-5, atol=1e-6, what="initial offsets / (W, H)")
 assert np.allclose(attn0, 1.0 / K), "initial attention weights are uniform"
-assert_allclose(full[0, q], by_hand, rtol=1e-5, atol=1e-6, what="Eq. (1)")
+assert_allclose(full[0, q], by_hand, rtol=1e-5, atol=1e-6, what="Eq. (2)")
 for label, out in outputs.items():
     assert out.shape == (H, W, C) and np.isfinite(out).all(), label
     assert 0 <= out.min() and out.max() <= 1 + 1e-6, f"{label}: a convex mix of colours"

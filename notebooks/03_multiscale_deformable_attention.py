@@ -14,10 +14,10 @@
 # ---
 
 # %% [markdown]
-# # 3. Multi-scale deformable attention, Eq. (2)
+# # 3. Multi-scale deformable attention, Eq. (3)
 #
 # **Paper:** Deformable DETR (Zhu et al., ICLR 2021), §3 "Multi-scale Deformable
-# Attention Module", Eq. (2). With $L$ feature levels $\{x^l\}_{l=1}^{L}$ and a reference
+# Attention Module", Eq. (3). With $L$ feature levels $\{x^l\}_{l=1}^{L}$ and a reference
 # point $\hat p_q \in [0, 1]^2$ in normalised coordinates:
 #
 # $$
@@ -26,7 +26,7 @@
 # \Big], \qquad \sum_{l=1}^{L} \sum_{k=1}^{K} A_{mlqk} = 1 .
 # $$
 #
-# Three changes from Eq. (1) ([notebook 2](02_deformable_attention.ipynb)):
+# Three changes from Eq. (2) ([notebook 2](02_deformable_attention.ipynb)):
 #
 # 1. a sum over the **levels**: each head reads $K$ points on *every* level;
 # 2. **normalised coordinates**: $\phi_l$ maps one reference point onto every level, so
@@ -206,7 +206,7 @@ ax.legend(ncol=L, fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.0))
 plt.show()
 
 # %% [markdown]
-# ## Eq. (2) by hand, through the level start index
+# ## Eq. (3) by hand, through the level start index
 #
 # For one head, the loop over levels and points: the four bilinear neighbours of a point
 # on level $l$ are rows of that level, found at `level_start_index[l] + row`.
@@ -228,10 +228,10 @@ with no_grad():
                 level_start_index).data[0, 0]                       # (C,)
 print("by hand     :", by_hand.round(6))
 print("MSDeformAttn:", out.round(6))
-assert_allclose(out, by_hand, rtol=1e-5, atol=1e-6, what="Eq. (2) by hand vs layer")
+assert_allclose(out, by_hand, rtol=1e-5, atol=1e-6, what="Eq. (3) by hand vs layer")
 
 # %% [markdown]
-# **Eq. (2) is a sum of Eq. (1)s.** Sampling is linear, so the multi-scale op equals the
+# **Eq. (3) is a sum of Eq. (2)s.** Sampling is linear, so the multi-scale op equals the
 # sum over levels of the single-scale op on each level's slice of the value, each with its
 # level's share of the (jointly normalised) weights.
 
@@ -244,10 +244,10 @@ per_level = [deformable_attention_single_scale(
                  loc_b[:, :, :, l], attn_b[:, :, :, l])              # (1, 1, M * D)
              for l, ((H_l, W_l), start) in enumerate(zip(spatial_shapes, level_start_index))]
 multi = msda.forward(value_b, spatial_shapes, level_start_index, loc_b, attn_b)
-assert_allclose(multi, sum(per_level), rtol=1e-5, atol=1e-6, what="Eq. (2) = sum of Eq. (1)")
+assert_allclose(multi, sum(per_level), rtol=1e-5, atol=1e-6, what="Eq. (3) = sum of Eq. (2)")
 for l, part in enumerate(per_level):
     print(f"level {l}: {part.ravel().round(4)}")
-print(f"sum    : {sum(per_level).ravel().round(4)}\nEq. (2): {multi.ravel().round(4)}")
+print(f"sum    : {sum(per_level).ravel().round(4)}\nEq. (3): {multi.ravel().round(4)}")
 
 # %% [markdown]
 # ## Many queries, every backend
@@ -284,6 +284,6 @@ assert np.allclose(attn0, 1.0 / (L * K)), "initial weights are uniform over L*K"
 assert_allclose((loc0 - ref) * spatial_shapes[None, :, None, ::-1],   # back to level pixels
                 np.broadcast_to(layer.initial_offsets(), (M, L, K, 2)), rtol=1e-4, atol=1e-4,
                 what="initial pattern, in pixels of each level")
-assert_allclose(out, by_hand, rtol=1e-5, atol=1e-6, what="Eq. (2)")
+assert_allclose(out, by_hand, rtol=1e-5, atol=1e-6, what="Eq. (3)")
 assert_allclose(multi, sum(per_level), rtol=1e-5, atol=1e-6, what="sum over levels")
 print("all checks passed")

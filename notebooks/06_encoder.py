@@ -18,7 +18,7 @@
 #
 # **Paper:** Deformable DETR, §4.1 (the deformable transformer encoder): the encoder
 # replaces DETR's self-attention over one feature map by multi-scale deformable
-# attention, Eq. (2), over all levels; its input and output are multi-scale maps of the
+# attention, Eq. (3), over all levels; its input and output are multi-scale maps of the
 # same resolutions, the queries are the pixels of every level, and each pixel's reference
 # point is the pixel itself. So every one of the $S$ tokens is a query, with its own
 # position as the reference point, seen from every level. This notebook
@@ -186,7 +186,7 @@ plt.show()
 # x \leftarrow \mathrm{LN}_2\big(x + W_2\,\mathrm{ReLU}(W_1 x + b_1) + b_2\big).
 # $$
 #
-# Inside `MSDeformAttn` (Eq. 2): the values $W' x$ are zeroed at padded tokens; each query
+# Inside `MSDeformAttn` (Eq. 3): the values $W' x$ are zeroed at padded tokens; each query
 # predicts $M \cdot L \cdot K$ offsets (in pixels of each level) and weights (a softmax over
 # the $L K$ points of each head); the op samples and sums; `output_proj` mixes the heads.
 

@@ -19,7 +19,7 @@
 # **Paper:** Deformable DETR, §4.1 (the deformable transformer decoder) and Appendix A.3
 # (bounding box prediction). The decoder keeps DETR's self-attention among the object
 # queries and replaces only the cross-attention by multi-scale deformable attention,
-# Eq. (2). Each query's reference point $\hat p_q$ (a normalised 2-d point) is predicted
+# Eq. (3). Each query's reference point $\hat p_q$ (a normalised 2-d point) is predicted
 # from its query embedding by a linear layer and a sigmoid. It is also the initial guess
 # of the box centre: the detection head predicts offsets relative to it,
 #

@@ -16,7 +16,7 @@
 # %% [markdown]
 # # 12. The GPU kernels: CUDA C through CuPy, and Numba CUDA
 #
-# **Paper:** §3, Eq. (2), multi-scale deformable attention, which the official code runs
+# **Paper:** §3, Eq. (3), multi-scale deformable attention, which the official code runs
 # as a custom CUDA operator (one thread per output channel). For one head $m$ of query
 # $q$ in image $n$, with sampling points $p_{lk}$ and attention weights $A_{lk}$,
 #

@@ -2,7 +2,7 @@
 
 For each query q (content feature z_q, reference point p_q) and head m, the layer
 predicts, from z_q alone, K sampling offsets per level and L*K attention weights, and
-returns (Eq. 2 of the paper)
+returns (Eq. 3 of the paper)
 
     MSDeformAttn(z_q, p_q, {x_l}) = sum_m W_m [ sum_l sum_k A_mlqk * W'_m x_l(phi_l(p_q) + dp_mlqk) ]
 
@@ -137,7 +137,7 @@ class MSDeformAttn(Module):
 
     def forward(self, query, reference_points, input_flatten, input_spatial_shapes,
                 input_level_start_index, input_padding_mask=None):
-        """Eq. (2) for every query: project, sample, weight, sum, project.
+        """Eq. (3) for every query: project, sample, weight, sum, project.
 
         Shapes: query (N, Lq, C), reference_points (N, Lq, L, 2 | 4), input_flatten
         (N, S, C), input_spatial_shapes (L, 2), input_level_start_index (L,),

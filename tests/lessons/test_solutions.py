@@ -3,8 +3,9 @@
 Convention (see ``notebooks/solutions/README.md``):
 
 * a notebook ``notebooks/NN_name.py`` may end with a markdown cell whose first line is
-  ``## Exercises``, holding 3 to 5 numbered exercises (``1. ...``, ``2. ...``), placed just
-  before the last cell (the code cell of asserts);
+  ``## Exercises``, holding 3 to 5 numbered exercises (``1. ...``, ``2. ...``), placed after
+  every code cell but the last one (the code cell of asserts; a markdown cell such as a
+  "## Checks" heading may sit in between);
 * its solutions are ``notebooks/solutions/NN_name.py``: a plain module with functions
   ``exercise_1()``, ``exercise_2()``, ... (one per exercise, same numbers) that run in
   seconds on the CPU with tiny sizes and *assert* what the exercise claims.
@@ -56,15 +57,15 @@ def notebook_cells(path):
 
 
 def exercises_section(path):
-    """``(index of the Exercises cell, number of cells, [exercise numbers])``, or None when
-    the notebook has no markdown cell headed ``## Exercises``."""
+    """``(index of the Exercises cell, [kind of every cell], [exercise numbers])``, or None
+    when the notebook has no markdown cell headed ``## Exercises``."""
     cells = notebook_cells(path)
     for index, (kind, text) in enumerate(cells):
         first = text.strip().splitlines()[0] if text.strip() else ""
         if kind == "markdown" and EXERCISES_HEADING.match(first):
             numbers = [int(m.group(1)) for line in text.splitlines()
                        if (m := NUMBERED_ITEM.match(line))]
-            return index, len(cells), numbers
+            return index, [k for k, _ in cells], numbers
     return None
 
 
@@ -128,10 +129,10 @@ def test_each_solution_file_matches_its_notebooks_exercises(path):
     section = exercises_section(notebook)
     assert section is not None, (f"{path.relative_to(REPO)} solves exercises, but "
                                  f"notebooks/{path.name} has no markdown cell '## Exercises'")
-    index, n_cells, numbers = section
-    assert index == n_cells - 2, (f"notebooks/{path.name}: the Exercises cell must come just "
-                                  f"before the last cell (the asserts); it is cell {index + 1} "
-                                  f"of {n_cells}")
+    index, kinds, numbers = section
+    assert "code" not in kinds[index + 1:-1], (
+        f"notebooks/{path.name}: the Exercises cell must come after the last code cell but "
+        f"the final one (the asserts); code cells {[i + 1 for i, k in enumerate(kinds) if k == 'code' and index < i < len(kinds) - 1]} follow it")
     assert numbers == list(range(1, len(numbers) + 1)), \
         f"notebooks/{path.name}: exercises must be numbered 1, 2, 3, ...; found {numbers}"
     assert MIN_EXERCISES <= len(numbers) <= MAX_EXERCISES, \
@@ -160,7 +161,8 @@ def test_the_reader_finds_sections_numbers_and_functions(tmp_path):
         "# 2. **Break.** b\n# 3. c\n\n# %%\nassert x == 1\n", encoding="utf-8")
     assert [kind for kind, _ in notebook_cells(notebook)] == ["markdown", "code", "markdown",
                                                               "code"]
-    assert exercises_section(notebook) == (2, 4, [1, 2, 3])
+    assert exercises_section(notebook) == (2, ["markdown", "code", "markdown", "code"],
+                                           [1, 2, 3])
     notebook.write_text("# %% [markdown]\n# ## Exercises are fun\n\n# %%\nx = 1\n",
                         encoding="utf-8")
     assert exercises_section(notebook) is None

@@ -119,7 +119,7 @@ def _from_head_major(value_hm, out):
 @njit(parallel=True, cache=True)
 def _forward_kernel(value_rows, strides, N, M, Lq, spatial_shapes, sizes, level_start_index,
                     loc_rows, attn_rows, zero, half, one, out_rows):
-    """out[n, q, m, :] = sum_{l,k} a * sum_c w_c * value[n, row_c, m, :]   (Eq. 2)."""
+    """out[n, q, m, :] = sum_{l,k} a * sum_c w_c * value[n, row_c, m, :]   (Eq. 3)."""
     L = spatial_shapes.shape[0]
     K = attn_rows.shape[1] // L
     D = value_rows.shape[1]
@@ -276,7 +276,7 @@ def _prepare(value, spatial_shapes, sampling_locations, attention_weights, head_
 
 def forward(value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
             head_major=None):
-    """Eq. (2) on validated arrays (see :mod:`minidetr.ops.msda`); returns (N, Lq, M * D).
+    """Eq. (3) on validated arrays (see :mod:`minidetr.ops.msda`); returns (N, Lq, M * D).
 
     ``head_major``: copy the value head-major first (None: :func:`use_head_major`).
     """

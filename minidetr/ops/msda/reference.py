@@ -1,11 +1,11 @@
-"""The reference multi-scale deformable attention: Eq. (1) and Eq. (2), one line at a time.
+"""The reference multi-scale deformable attention: Eq. (2) and Eq. (3), one line at a time.
 
 This is the oracle every other backend is tested against. It is written for the reader:
 vectorised over (N, Lq, M, K) but looping over the L levels and the four bilinear corners,
 with every corner index and corner weight spelled out. The array module comes from the
 data (``xp = get_array_module(value)``), so the same code runs on NumPy and on CuPy.
 
-The paper's multi-scale deformable attention (Eq. 2), for one query q and head m::
+The paper's multi-scale deformable attention (Eq. 3), for one query q and head m::
 
     out[q, m] = sum_l sum_k  A[q, m, l, k] * x_l( phi_l(p_q) + dp[q, m, l, k] ) W'_m
 
@@ -23,8 +23,10 @@ Sampling convention (identical to the official CUDA op and to PyTorch's
 * a neighbour outside the map contributes zero (zero padding);
 * as in the CUDA op, a point is skipped entirely unless ``-1 < h_im < H_l`` and
   ``-1 < w_im < W_l``. Outside that box every neighbour is outside anyway, so only the
-  gradient *exactly on* the edge ``h_im = -1`` (or ``= H_l``, same for w) is affected:
-  it is zero, where a one-sided derivative would not be.
+  gradient *exactly on* the line ``h_im = -1`` (or ``w_im = -1``) is affected: it is
+  zero there, where ``grid_sample``'s backward (``floor`` picks the cell on the right)
+  returns the right-hand derivative, which is not. On ``h_im = H_l`` (or ``w_im = W_l``)
+  the right-hand derivative is zero as well, so the skip changes nothing there.
 
 Shapes:
     value                (N, S, M, D)       S = sum_l H_l * W_l
@@ -164,7 +166,7 @@ def _levels(spatial_shapes, level_start_index):
 
 # --------------------------------------------------------------------------- forward
 def forward(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
-    """Multi-scale deformable attention, Eq. (2): sample, weight, sum over levels and points.
+    """Multi-scale deformable attention, Eq. (3): sample, weight, sum over levels and points.
 
     Inputs must be validated (see :func:`minidetr.ops.msda.validate_inputs`).
 
@@ -189,7 +191,7 @@ def forward(value, spatial_shapes, level_start_index, sampling_locations, attent
 
 
 def deformable_attention_single_scale(value, spatial_shape, sampling_locations, attention_weights):
-    """Single-scale deformable attention, Eq. (1): the L = 1 case of the same code.
+    """Single-scale deformable attention, Eq. (2): the L = 1 case of the same code.
 
     Args:
         value: (N, H*W, M, D), the projected value map of one level, flattened row-major.
