@@ -257,6 +257,28 @@ print(f"{H * W} queries x {M * K} points = {H * W * M * K} samples; full attenti
       f"compare every query with every key: {(H * W) ** 2} pairs per head")
 
 # %% [markdown]
+# ## Exercises
+#
+# Solutions, each a function that asserts its answer:
+# [solutions/02_deformable_attention.py](solutions/02_deformable_attention.py).
+#
+# 1. **Implement.** The paper describes *one* linear projection of $z_q$ to $3MK$ numbers: $2MK$
+#    offsets and $MK$ attention logits. minidetr (like the official code) has two Linears,
+#    `sampling_offsets` and `attention_weights`. Merge their weights into one $(3MK, C)$
+#    matrix, split its output, and prove the two layers are the same: equal sampling
+#    locations, equal weights, equal gradients with respect to $z_q$, and equal parameter
+#    counts.
+# 2. **Predict.** For a freshly initialised layer with $M = 3$ heads and $K = 4$ points, write
+#    down every attention weight and the pixel offsets of every point before running
+#    `sampling_locations_and_weights`. (Hint: $\theta_m = 2\pi m / M$, scaled onto the square
+#    $\max(|x|, |y|) = 1$.)
+# 3. **Predict, then measure.** A query reads at most $4MK$ pixels of the map. Add 100 to every
+#    *other* pixel of $x$: how much does that query's output change? And if you change one of
+#    the pixels it reads? What would full attention do?
+# 4. **Break something.** Normalise the attention logits with a softmax over the $M$ heads
+#    instead of the $K$ points. Which check of this notebook fails?
+
+# %% [markdown]
 # ## Checks
 #
 # Shapes and values that fail loudly if the layer or the op changes.

@@ -274,6 +274,25 @@ print(f"{queries.shape[1]} queries, {M} heads x {L} levels x {K} points; backend
       f"{list(outs)} agree")
 
 # %% [markdown]
+# ## Exercises
+#
+# Solutions, each a function that asserts its answer:
+# [solutions/03_multiscale_deformable_attention.py](solutions/03_multiscale_deformable_attention.py).
+#
+# 1. **Predict.** At initialisation every level gets the same offsets *in pixels of its own
+#    level*. How far from the reference point, in the picture, is a point of level $l$
+#    compared with the same point of level 0?
+# 2. **Break something.** Replace the joint softmax over the $LK$ points of a head by a softmax
+#    over the $K$ points of each level. What do the weights of a head sum to now? Can a query
+#    still move attention from one level to another?
+# 3. **Break something.** Divide the $x$ offset by $H_l$ and the $y$ offset by $W_l$, the order
+#    of the official code before its fix of 2020-12-07. On which maps does nothing change, and
+#    by how much do the points move on the 2:3 maps of the solution?
+# 4. **Predict.** How many points does one query read, and how many parameters do the offset
+#    and weight projections hold, for the paper's $C = 256$, $M = 8$, $L = K = 4$? Does the
+#    number depend on the size of the map?
+
+# %% [markdown]
 # ## Checks
 
 # %%
