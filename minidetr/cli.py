@@ -10,7 +10,8 @@ Commands:
                         ``bench train`` (training iterations, and transformers' if installed),
                         ``bench launches`` (GPU kernel launches per training step, counted
                         on the CPU by minidetr.testing.fakecupy)
-    convert-checkpoint  a released PyTorch ``.pth`` -> a minidetr ``.npz`` (needs torch)
+    convert-checkpoint  released weights (``.pth``, ``.safetensors``) -> a minidetr ``.npz``
+                        (no torch needed)
     check-reference     a converted checkpoint vs the published reference outputs
 
 Common options: ``--device cpu|cuda|auto``, ``--config tiny|small|paper``,
@@ -106,6 +107,12 @@ def _resume_dir(args):
     return Path(args.resume)
 
 
+def _absolute(path):
+    """``path`` as an absolute path string (None stays None): run files must not depend on
+    the folder the command was started in."""
+    return None if path is None else str(Path(path).resolve())
+
+
 def _print_metrics(metrics, title):
     from .training.evaluation import METRIC_NAMES
 
@@ -171,6 +178,9 @@ def _cmd_train(args):
     from .training.demo import DEMO
 
     progress = not args.no_progress
+    if args.resume is not None and (args.backbone_weights or args.init_from):
+        raise UsageError("--backbone-weights and --init-from start a new run; a resumed run "
+                         "continues from its own last.npz")
     if args.resume is not None:
         data = _data_paths(args.data, args.val_data) if args.data else None
         result = resume_training(_resume_dir(args), epochs=args.epochs, data=data,
@@ -197,7 +207,9 @@ def _cmd_train(args):
             seed=args.seed, transforms=args.transforms or args.config,
             max_size=args.max_size, label_map=args.label_map,
             max_train_images=args.max_train_images, max_val_images=args.max_val_images,
-            eval_every=args.eval_every, time_limit=args.time_limit)
+            eval_every=args.eval_every, time_limit=args.time_limit,
+            backbone_weights=_absolute(args.backbone_weights),
+            init_from=_absolute(args.init_from))
         result = run_training(model_cfg, train_cfg, data, args.out, device=args.device,
                               overwrite=args.overwrite, progress=progress,
                               debug_transfers=args.debug_transfers)
@@ -336,14 +348,14 @@ def _cmd_bench(args):
 
 def _cmd_convert(args):
     from .weights.checkpoint import save_checkpoint
-    from .weights.official import convert_official_state_dict, read_pth_state_dict
+    from .weights.convert import convert_file
 
     dst = Path(args.dst)
+    if dst.suffix != ".npz":
+        raise UsageError(f"{dst}: the output is a minidetr checkpoint and must end in .npz")
     if dst.exists() and not args.overwrite:
         raise UsageError(f"{dst} already exists; pass --overwrite to replace it")
-    arrays = read_pth_state_dict(args.src)
-    ckpt, report = convert_official_state_dict(arrays, variant=args.variant,
-                                               source=str(args.src))
+    ckpt, report = convert_file(args.src, variant=args.variant, config=args.config)
     save_checkpoint(dst, ckpt, overwrite=args.overwrite)
     print(report)
     print(f"wrote {dst} ({len(ckpt.model_state)} arrays)")
@@ -451,6 +463,15 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--debug-transfers", action="store_true",
                    help="GPU debugging: fail at any device -> host copy inside a training "
                         "step other than the matcher's cost matrices and the logged losses")
+    t.add_argument("--backbone-weights", metavar="FILE", default=None,
+                   help="start the ResNet from ImageNet weights, as the official recipe does: "
+                        "torchvision .pth or timm .safetensors (or a converted .npz); frozen "
+                        "batch norm uses the file's statistics (docs/pretrained.md)")
+    t.add_argument("--init-from", metavar="FILE", default=None,
+                   help="fine-tune from a detector checkpoint (official .pth, transformers "
+                        ".safetensors/.bin or folder, minidetr .npz): every weight whose name "
+                        "and shape match is loaded; class heads of another number of classes "
+                        "are re-initialised (docs/pretrained.md)")
     t.set_defaults(func=_cmd_train)
 
     e = sub.add_parser("eval", help="COCO box AP of a checkpoint",
@@ -537,15 +558,26 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(func=_cmd_bench)
 
     c = sub.add_parser("convert-checkpoint",
-                       help="released PyTorch .pth -> minidetr .npz (needs torch)",
-                       description="Read an official Deformable DETR checkpoint with torch "
-                                   "(only this command imports it) and write its 'model' state "
-                                   "dict as a minidetr .npz. With --variant the keys and shapes "
-                                   "are checked against the paper model of that variant.")
-    c.add_argument("src", help="the .pth file")
+                       help="released weights (.pth, .safetensors, a hub folder) -> minidetr .npz",
+                       description="Convert weights without PyTorch: an official Deformable DETR "
+                                   "checkpoint (plain, refine, two-stage), transformers' "
+                                   "DeformableDetrForObjectDetection weights (the SenseTime hub "
+                                   "files or transformers 5 names), or an ImageNet ResNet-18/34/50 "
+                                   "(torchvision .pth, timm .safetensors; -> a backbone checkpoint "
+                                   "for train --backbone-weights). The model's size and variant "
+                                   "are read from the keys and shapes; every key and shape is "
+                                   "checked, the arrays are kept bit for bit, and what was "
+                                   "dropped is reported. .pth files are read by a restricted "
+                                   "unpickler that refuses anything but tensors and plain data "
+                                   "(see docs/pretrained.md).")
+    c.add_argument("src", help="the weights file (.pth/.pt/.bin, .safetensors) or a folder "
+                               "holding model.safetensors / pytorch_model.bin and config.json")
     c.add_argument("dst", help="the .npz to write")
     c.add_argument("--variant", default=None, choices=VARIANT_NAMES,
-                   help="check against (and record) the paper model of this variant")
+                   help="check that the weights are of this variant (default: read from the "
+                        "keys)")
+    c.add_argument("--config", default=None, choices=CONFIGS,
+                   help="check that the weights have this preset's sizes")
     c.add_argument("--overwrite", action="store_true")
     c.set_defaults(func=_cmd_convert)
 

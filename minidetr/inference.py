@@ -27,7 +27,8 @@ from .backend import resolve_device, to_device, to_numpy
 from .data import CategoryMap, collate, make_transforms
 from .models.build import build_model, build_postprocess
 from .models.config import VARIANTS, ModelConfig, get_config
-from .weights.checkpoint import CheckpointError, load_checkpoint, load_model_state
+from .weights.checkpoint import CheckpointError, load_model_state
+from .weights.convert import load_weights
 
 
 def predict(model, postprocess, images, mask, orig_sizes):
@@ -114,7 +115,7 @@ class Detector:
         :func:`model_config_of`); ``device`` is "auto", "cpu" or "cuda".
         """
         device = resolve_device(device)
-        ckpt = load_checkpoint(path)
+        ckpt = load_weights(path)        # .npz as it is; .pth/.safetensors converted
         cfg = model_config_of(ckpt, config, variant)
         model = build_model(cfg)
         load_model_state(model, ckpt, cfg.to_dict())

@@ -48,6 +48,9 @@ class TrainConfig:
     time_limit: float | None = None         # minutes: no new epoch starts after this
     num_pictures: int = 4                   # validation images drawn at the end
     picture_threshold: float = 0.5          # draw detections scoring at least this
+    # --- pretrained weights (paths of files read once, when the run starts)
+    backbone_weights: str | None = None     # an ImageNet ResNet (.pth/.safetensors/.npz)
+    init_from: str | None = None            # a detector checkpoint to fine-tune from
 
     def __post_init__(self):
         if self.train_scales is not None:

@@ -54,6 +54,7 @@ from ..models.config import ModelConfig
 from ..optim import AdamW, StepLR
 from ..weights.checkpoint import (Checkpoint, CheckpointError, load_checkpoint,
                                   load_model_state, save_checkpoint)
+from ..weights.pretrained import load_pretrained
 from .config import DataPaths, TrainConfig
 from .engine import (RunningAverages, StepOutOfMemoryError, build_param_groups, evaluate,
                      train_one_epoch)
@@ -404,6 +405,8 @@ def run_training(model_cfg: ModelConfig, train_cfg: TrainConfig, data: DataPaths
     run_dir = Path(out_dir)
     trainer = Trainer(model_cfg, train_cfg, data, run_dir, device=device,
                       progress=progress, log=log, debug_transfers=debug_transfers)
+    for line in load_pretrained(trainer.model, model_cfg, train_cfg):   # before any file
+        log(line)
     prepare_run_dir(run_dir, overwrite)
     write_run_json(run_dir, {
         "model_config": model_cfg.to_dict(), "train_config": train_cfg.to_dict(),

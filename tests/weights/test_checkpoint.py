@@ -14,7 +14,7 @@ from minidetr.training import TrainConfig
 from minidetr.training.engine import build_param_groups
 from minidetr.weights.checkpoint import (Checkpoint, CheckpointError, check_model_state,
                                          load_checkpoint, load_model_state, save_checkpoint)
-from minidetr.weights.official import convert_official_state_dict
+from minidetr.weights.convert import convert_official_state_dict
 
 def _model(small_config, variant="plain", **overrides):
     cfg = small_config(variant, **{"num_queries": 5, **overrides})     # 5: named in messages
