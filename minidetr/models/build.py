@@ -52,7 +52,8 @@ def build_model(cfg: ModelConfig) -> DeformableDETR:
         num_decoder_layers=cfg.dec_layers, dim_feedforward=cfg.dim_feedforward,
         dropout=cfg.dropout, num_feature_levels=cfg.num_feature_levels,
         enc_n_points=cfg.n_points, dec_n_points=cfg.n_points, two_stage=cfg.two_stage,
-        two_stage_num_proposals=cfg.num_queries, rng=rng, msda_backend=cfg.msda_backend)
+        two_stage_num_proposals=cfg.num_queries, rng=rng, msda_backend=cfg.msda_backend,
+        attention=cfg.attention)
     model = DeformableDETR(backbone, transformer, num_classes=cfg.num_classes,
                            num_queries=cfg.num_queries,
                            num_feature_levels=cfg.num_feature_levels, aux_loss=cfg.aux_loss,

@@ -68,6 +68,9 @@ class ModelConfig:
     num_feature_levels: int = 4         # L
     n_points: int = 4                   # K, in encoder and decoder (official enc/dec_n_points)
     num_queries: int = 300              # also the two-stage top-k
+    attention: str = "deformable"       # encoder + decoder cross-attention: "deformable"
+                                        # (Eq. 2-3) or "dense" (Eq. 1, the convergence
+                                        # experiment; see models/dense_attention.py)
     gn_groups: int = 32                 # GroupNorm groups of the input projections
     # --- heads and variants
     num_classes: int = 91
@@ -123,6 +126,9 @@ class ModelConfig:
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"ModelConfig.{name} must be True or False, "
                                 f"got {getattr(self, name)!r}")
+        if self.attention not in ("deformable", "dense"):
+            raise ValueError(f"ModelConfig.attention must be 'deformable' or 'dense', "
+                             f"got {self.attention!r}")
         if self.backbone not in BACKBONES:
             raise ValueError(f"ModelConfig.backbone must be one of {BACKBONES}, "
                              f"got {self.backbone!r}")

@@ -41,6 +41,7 @@ from ..backend import get_array_module
 from ..nn.msdeform_attn import MSDeformAttn
 from ..nn._checks import generator
 from .box_ops import inverse_sigmoid
+from .dense_attention import ATTENTIONS, DenseAttention
 
 __all__ = ["DeformableTransformer", "DeformableTransformerEncoderLayer",
            "DeformableTransformerEncoder", "DeformableTransformerDecoderLayer",
@@ -138,6 +139,17 @@ def _argsort_descending(scores):
     return xp.argsort(-scores, axis=1)
 
 
+def _attention(kind, d_model, n_levels, n_heads, n_points, dropout, rng, msda_backend):
+    """The attention of an encoder layer or of the decoder's cross-attention: deformable
+    (:class:`MSDeformAttn`, Eq. 2-3, the default) or dense (:class:`DenseAttention`,
+    Eq. 1, for the convergence experiment). Both are called the same way."""
+    if kind == "deformable":
+        return MSDeformAttn(d_model, n_levels, n_heads, n_points, rng=rng, backend=msda_backend)
+    if kind == "dense":
+        return DenseAttention(d_model, n_heads, dropout=dropout, rng=rng)
+    raise ValueError(f"attention must be one of {ATTENTIONS}, got {kind!r}")
+
+
 def _clones(module, n):
     """``n`` independent deep copies of ``module`` (the official ``_get_clones``)."""
     return nn.ModuleList(copy.deepcopy(module) for _ in range(n))
@@ -150,18 +162,21 @@ class DeformableTransformerEncoderLayer(nn.Module):
         x = norm1(x + dropout1(MSDeformAttn(query = x + pos, reference, value = x)))
         x = norm2(x + dropout3(linear2(dropout2(relu(linear1(x))))))
 
+    With ``attention="dense"`` the self-attention is :class:`DenseAttention` (Eq. 1, as
+    in DETR: query = key = x + pos, value = x, over all S tokens).
+
     Shapes:
         src, pos (N, S, C); reference_points (N, S, L, 2); padding_mask (N, S) bool
         -> (N, S, C)
     """
 
     def __init__(self, d_model=256, d_ffn=1024, dropout=0.1, n_levels=4, n_heads=8,
-                 n_points=4, rng=None, msda_backend=None):
+                 n_points=4, rng=None, msda_backend=None, attention="deformable"):
         super().__init__()
         rng = generator(rng, "DeformableTransformerEncoderLayer")
         # self attention (registration order = the official key order)
-        self.self_attn = MSDeformAttn(d_model, n_levels, n_heads, n_points, rng=rng,
-                                      backend=msda_backend)
+        self.self_attn = _attention(attention, d_model, n_levels, n_heads, n_points, dropout,
+                                    rng, msda_backend)
         self.dropout1 = nn.Dropout(dropout)
         self.norm1 = nn.LayerNorm(d_model)
         # feed-forward block
@@ -173,8 +188,9 @@ class DeformableTransformerEncoderLayer(nn.Module):
 
     def forward(self, src, pos, reference_points, spatial_shapes, level_start_index,
                 padding_mask=None):
+        extra = {"key_pos": pos} if isinstance(self.self_attn, DenseAttention) else {}
         attn = self.self_attn(src + pos, reference_points, src, spatial_shapes,
-                              level_start_index, padding_mask)             # (N, S, C)
+                              level_start_index, padding_mask, **extra)    # (N, S, C)
         src = self.norm1(src + self.dropout1(attn))
         ffn = self.linear2(self.dropout2(F.relu(self.linear1(src))))       # (N, S, C)
         return self.norm2(src + self.dropout3(ffn))
@@ -216,20 +232,21 @@ class DeformableTransformerDecoderLayer(nn.Module):
         tgt = norm3(tgt + dropout4(linear2(dropout3(relu(linear1(tgt))))))
 
     (The official names: ``norm2`` belongs to the self-attention that runs first, ``norm1``
-    to the cross-attention.)
+    to the cross-attention.) With ``attention="dense"`` the cross-attention is
+    :class:`DenseAttention` (Eq. 1, as in DETR: key = memory + src_pos, value = memory).
 
     Shapes:
         tgt, query_pos (N, Nq, C); reference_points (N, Nq, L, 2 or 4); src (N, S, C);
-        src_padding_mask (N, S) bool -> (N, Nq, C)
+        src_padding_mask (N, S) bool; src_pos (N, S, C) or None -> (N, Nq, C)
     """
 
     def __init__(self, d_model=256, d_ffn=1024, dropout=0.1, n_levels=4, n_heads=8,
-                 n_points=4, rng=None, msda_backend=None):
+                 n_points=4, rng=None, msda_backend=None, attention="deformable"):
         super().__init__()
         rng = generator(rng, "DeformableTransformerDecoderLayer")
         # cross attention
-        self.cross_attn = MSDeformAttn(d_model, n_levels, n_heads, n_points, rng=rng,
-                                       backend=msda_backend)
+        self.cross_attn = _attention(attention, d_model, n_levels, n_heads, n_points, dropout,
+                                     rng, msda_backend)
         self.dropout1 = nn.Dropout(dropout)
         self.norm1 = nn.LayerNorm(d_model)
         # self attention
@@ -244,14 +261,15 @@ class DeformableTransformerDecoderLayer(nn.Module):
         self.norm3 = nn.LayerNorm(d_model)
 
     def forward(self, tgt, query_pos, reference_points, src, src_spatial_shapes,
-                level_start_index, src_padding_mask=None):
+                level_start_index, src_padding_mask=None, src_pos=None):
         # 1. self-attention among the queries (no mask: every query sees every query)
         q = k = tgt + query_pos
         attn, _ = self.self_attn(q, k, tgt)                                 # (N, Nq, C)
         tgt = self.norm2(tgt + self.dropout2(attn))
         # 2. deformable cross-attention into the encoder memory
+        extra = {"key_pos": src_pos} if isinstance(self.cross_attn, DenseAttention) else {}
         attn = self.cross_attn(tgt + query_pos, reference_points, src, src_spatial_shapes,
-                               level_start_index, src_padding_mask)         # (N, Nq, C)
+                               level_start_index, src_padding_mask, **extra)  # (N, Nq, C)
         tgt = self.norm1(tgt + self.dropout1(attn))
         # 3. feed-forward block
         ffn = self.linear2(self.dropout3(F.relu(self.linear1(tgt))))        # (N, Nq, C)
@@ -274,7 +292,8 @@ class DeformableTransformerDecoder(nn.Module):
 
     Shapes:
         tgt, query_pos (N, Nq, C); reference_points (N, Nq, 2 or 4); src (N, S, C);
-        src_valid_ratios (N, L, 2); src_padding_mask (N, S) bool
+        src_valid_ratios (N, L, 2); src_padding_mask (N, S) bool; src_pos (N, S, C), the
+        memory's position embedding (used by dense cross-attention only)
         -> hs (num_layers, N, Nq, C), references (num_layers, N, Nq, 2 or 4), the
            reference *after* each layer (all equal to the input without refinement)
     """
@@ -288,7 +307,7 @@ class DeformableTransformerDecoder(nn.Module):
         self.class_embed = None
 
     def forward(self, tgt, reference_points, src, src_spatial_shapes, src_level_start_index,
-                src_valid_ratios, query_pos=None, src_padding_mask=None):
+                src_valid_ratios, query_pos=None, src_padding_mask=None, src_pos=None):
         if reference_points.shape[-1] not in (2, 4):
             raise ValueError(f"decoder: reference_points must end in 2 or 4, got shape "
                              f"{tuple(reference_points.shape)}")
@@ -304,7 +323,7 @@ class DeformableTransformerDecoder(nn.Module):
                 ratios = src_valid_ratios[:, None]                          # (N, 1, L, 2)
             reference_input = reference_points[:, :, None] * ratios         # (N, Nq, L, 2|4)
             output = layer(output, query_pos, reference_input, src, src_spatial_shapes,
-                           src_level_start_index, src_padding_mask)         # (N, Nq, C)
+                           src_level_start_index, src_padding_mask, src_pos)  # (N, Nq, C)
             if self.bbox_embed is not None:
                 # Iterative refinement. Computed without recording a graph, which is the
                 # same as computing it and then detaching: the next layer's reference is
@@ -433,6 +452,9 @@ class DeformableTransformer(nn.Module):
         two_stage_num_proposals: how many proposals become queries (= num_queries).
         rng: NumPy Generator for every initialiser (and the dropout streams' seed).
         msda_backend: the multi-scale deformable attention kernel (None: automatic).
+        attention: ``"deformable"`` (the paper's model) or ``"dense"`` (Eq. 1 in the
+            encoder and the decoder's cross-attention, for the convergence experiment;
+            see :mod:`minidetr.models.dense_attention`).
 
     Initialisation (as the official ``_reset_parameters``): xavier-uniform on every
     parameter with >= 2 dimensions, then each MSDeformAttn's own init, then
@@ -447,7 +469,7 @@ class DeformableTransformer(nn.Module):
     def __init__(self, d_model=256, nhead=8, num_encoder_layers=6, num_decoder_layers=6,
                  dim_feedforward=1024, dropout=0.1, num_feature_levels=4, enc_n_points=4,
                  dec_n_points=4, two_stage=False, two_stage_num_proposals=300, rng=None,
-                 msda_backend=None):
+                 msda_backend=None, attention="deformable"):
         super().__init__()
         rng = generator(rng, "DeformableTransformer")
         if d_model % nhead:
@@ -455,6 +477,10 @@ class DeformableTransformer(nn.Module):
                              f"by nhead ({nhead})")
         self.d_model, self.nhead = d_model, nhead
         self.num_feature_levels = num_feature_levels
+        if attention not in ATTENTIONS:
+            raise ValueError(f"DeformableTransformer: attention must be one of {ATTENTIONS}, "
+                             f"got {attention!r}")
+        self.attention = attention
         self.two_stage = bool(two_stage)
         self.two_stage_num_proposals = two_stage_num_proposals
 
@@ -462,11 +488,11 @@ class DeformableTransformer(nn.Module):
         self.level_embed = nn.Parameter(np.zeros((num_feature_levels, d_model), np.float32))
         encoder_layer = DeformableTransformerEncoderLayer(
             d_model, dim_feedforward, dropout, num_feature_levels, nhead, enc_n_points,
-            rng=rng, msda_backend=msda_backend)
+            rng=rng, msda_backend=msda_backend, attention=attention)
         self.encoder = DeformableTransformerEncoder(encoder_layer, num_encoder_layers)
         decoder_layer = DeformableTransformerDecoderLayer(
             d_model, dim_feedforward, dropout, num_feature_levels, nhead, dec_n_points,
-            rng=rng, msda_backend=msda_backend)
+            rng=rng, msda_backend=msda_backend, attention=attention)
         self.decoder = DeformableTransformerDecoder(decoder_layer, num_decoder_layers)
         if self.two_stage:
             self.enc_output = nn.Linear(d_model, d_model, rng=rng)
@@ -608,6 +634,6 @@ class DeformableTransformer(nn.Module):
         # decoder
         hs, inter_references = self.decoder(tgt, reference_points, memory, spatial_shapes,
                                             level_start_index, valid_ratios, query_pos,
-                                            mask_flatten)
+                                            mask_flatten, lvl_pos_embed_flatten)
         return TransformerOutput(hs, init_reference, inter_references, enc_outputs_class,
                                  enc_outputs_coord_unact)
