@@ -307,6 +307,27 @@ plt.tight_layout()
 plt.show()
 
 # %% [markdown]
+# ## Exercises
+#
+# Solutions, each a function that asserts its answer:
+# [solutions/05_backbone_and_multiscale_input.py](solutions/05_backbone_and_multiscale_input.py).
+#
+# 1. **Predict.** Write down the four $H_l \times W_l$ and $S$ for an $800 \times 1066$ image
+#    (a $640 \times 480$ COCO picture after the resize) and for an $800 \times 1200$ batch, the
+#    shape of minidetr's benchmarks. Then check the $\lceil H / s \rceil$ rule on the tiny
+#    model with a $70 \times 90$ image.
+# 2. **Predict.** A $100 \times 60$ image is padded to $128 \times 128$. What are its valid
+#    ratios on the stride-8, 16, 32 and 64 levels? (Careful: the level masks are the image
+#    mask resized with the "nearest" rule, not the image size divided by the stride.)
+# 3. **Predict, then measure.** In one padded batch, a $16 \times 24$ image and a
+#    $48 \times 72$ one. Which pixel of the large image has the same position embedding as
+#    pixel $(5, 7)$ of the small one? Does the same *canvas* pixel have the same embedding?
+# 4. **Predict.** How many parameters does going from $L = 1$ to $L = 4$ levels add to one
+#    encoder layer? Which parts of the layer are shared by all levels? (Deformable DETR has no
+#    per-level encoder and no FPN: its encoder layer samples every level, so information
+#    already flows between scales.)
+
+# %% [markdown]
 # ## Checks
 #
 # If the code changes under this notebook, these fail loudly.
