@@ -60,7 +60,7 @@ import numpy as np
 from .. import functional as F
 from .. import nn
 from ..autograd import Tensor
-from ..backend import is_cupy_array
+from ..backend import get_array_module, is_cupy_array
 from .position_encoding import PositionEmbeddingSine
 
 LAYER_NAMES = ("layer1", "layer2", "layer3", "layer4")
@@ -227,7 +227,11 @@ def resnet50(dilation=False, rng=None):
 
 # --------------------------------------------------------------------------- TinyBackbone
 class ConvGNReLU(nn.Module):
-    """3x3 conv (no bias) -> GroupNorm -> ReLU; keys ``conv.weight``, ``norm.weight/bias``."""
+    """3x3 conv (no bias) -> GroupNorm -> ReLU; keys ``conv.weight``, ``norm.weight/bias``.
+
+    ``forward(x, valid)`` with a (B, 1, H', W') 0/1 array of the output's valid pixels
+    normalises over those pixels only and zeroes the padding (:func:`masked_group_norm`).
+    """
 
     def __init__(self, in_channels, out_channels, stride, num_groups, rng):
         super().__init__()
@@ -235,8 +239,10 @@ class ConvGNReLU(nn.Module):
                               bias=False, rng=rng)
         self.norm = nn.GroupNorm(num_groups, out_channels)
 
-    def forward(self, x):
-        return F.relu(self.norm(self.conv(x)))
+    def forward(self, x, valid=None):
+        if valid is None:
+            return F.relu(self.norm(self.conv(x)))
+        return F.relu(masked_group_norm(self.conv(x), valid, self.norm))
 
 
 class TinyBackbone(nn.Module):
@@ -255,11 +261,20 @@ class TinyBackbone(nn.Module):
     parameters. GroupNorm (``num_groups`` groups, default 8) instead of frozen batch norm,
     because this network is trained from scratch, not loaded from ImageNet weights.
 
+    ``mask_aware=True`` (the ``tiny`` preset's choice, ``ModelConfig.mask_aware_norm``):
+    every GroupNorm takes its statistics over the image's own pixels only and the padding
+    is set to zero after every stage, so an image gives the same features alone and in a
+    zero-padded batch (the official backbones do not: their statistics and their 3x3
+    convolutions at the image border see the padding). ``mask_aware=False`` is the plain
+    GroupNorm of checkpoints made before this option.
+
     Shapes:
         forward(x (B, 3, H, W), return_layers) -> one Tensor per returned layer
+        forward(x, return_layers, mask (B, H, W) bool) -> (features, masks): also one
+            exact padding mask per returned layer (B, H_l, W_l), needed with mask_aware
     """
 
-    def __init__(self, channels=(16, 32, 64, 128), num_groups=8, rng=None):
+    def __init__(self, channels=(16, 32, 64, 128), num_groups=8, rng=None, mask_aware=False):
         super().__init__()
         channels = tuple(int(c) for c in channels)
         if len(channels) != 4 or any(c < 1 or c % num_groups for c in channels):
@@ -274,10 +289,96 @@ class TinyBackbone(nn.Module):
         self.layer4 = ConvGNReLU(c2, c3, 2, num_groups, rng)
         self.layer_channels = dict(zip(LAYER_NAMES, (c0, c1, c2, c3)))
         self.layer_strides = dict(zip(LAYER_NAMES, (4, 8, 16, 32)))
+        self.mask_aware = bool(mask_aware)
 
-    def forward(self, x, return_layers=MULTI_SCALE_LAYERS):
-        x = self.stem(x)                                       # (B, c0, H/2, W/2)
-        return run_layers(self, x, return_layers)
+    def forward(self, x, return_layers=MULTI_SCALE_LAYERS, mask=None):
+        if mask is None:
+            x = self.stem(x)                                   # (B, c0, H/2, W/2)
+            return run_layers(self, x, return_layers)
+        return_layers = check_return_layers(return_layers)
+        last = LAYER_NAMES.index(return_layers[-1])
+        sizes = valid_sizes(mask)                              # (B, 2) rows (h, w)
+        features, masks = [], []
+        for name in ("stem",) + LAYER_NAMES[:last + 1]:
+            sizes = conv_output_sizes(sizes)                   # 3x3, stride 2, padding 1
+            stage = getattr(self, name)
+            if self.mask_aware:
+                level_mask = mask_of_sizes(sizes, _conv_output_shape(x.shape[-2:]), x.xp)
+                x = stage(x, (~level_mask)[:, None].astype(x.dtype))  # (B, c, H_s, W_s)
+            else:
+                x = stage(x)                                   # (B, c, H_s, W_s)
+            if name in return_layers:
+                features.append(x)
+                masks.append(mask_of_sizes(sizes, x.shape[-2:], x.xp) if self.mask_aware
+                             else interpolate_mask(mask, x.shape[-2:]))
+        return features, masks
+
+    def extra_repr(self):
+        return f"mask_aware={self.mask_aware}"
+
+
+def _conv_output_shape(shape):
+    """(H, W) after a 3x3, stride-2, padding-1 convolution: (ceil(H / 2), ceil(W / 2))."""
+    return tuple((int(n) + 1) // 2 for n in shape)
+
+
+# --------------------------------------------------------------------------- mask-aware norm
+def valid_sizes(mask):
+    """The unpadded (h, w) of every image of a zero-padded batch (padding is bottom/right).
+
+    Shapes:
+        mask (B, H, W) bool, True on padding -> (B, 2) int64 rows (h, w), same array module
+    """
+    xp = get_array_module(mask)
+    inside = ~mask                                                     # (B, H, W)
+    return xp.stack([inside.any(axis=2).sum(axis=1),                  # rows with an image
+                     inside.any(axis=1).sum(axis=1)], axis=1).astype(np.int64)  # (B, 2)
+
+
+def conv_output_sizes(sizes):
+    """Valid sizes after a 3x3, stride-2, padding-1 convolution: ceil(n / 2) (B, 2)."""
+    return (sizes + 1) // 2
+
+
+def mask_of_sizes(sizes, shape, xp):
+    """The padding mask of a (H, W) map whose image b covers the top-left ``sizes[b]``.
+
+    Shapes:
+        sizes (B, 2) rows (h, w) -> (B, H, W) bool, True on padding
+    """
+    H, W = (int(n) for n in shape)
+    rows = xp.arange(H)[None, :, None] >= sizes[:, 0, None, None]      # (B, H, 1)
+    cols = xp.arange(W)[None, None, :] >= sizes[:, 1, None, None]      # (B, 1, W)
+    return rows | cols                                                 # (B, H, W)
+
+
+def masked_group_norm(x, valid, norm):
+    """GroupNorm ``norm`` with statistics over the valid pixels only; padding set to 0.
+
+    Each (image, group) is standardised with the mean and variance of its own pixels, as
+    if the image were alone; for an image without padding this is ``norm(x)`` (up to
+    float rounding). A composition of differentiable Functions (sum, mul, sqrt), so the
+    backward pass comes from theirs.
+
+    Args:
+        x: Tensor (B, C, H, W).
+        valid: array (B, 1, H, W) of x's dtype, 1 on the image, 0 on padding.
+        norm: the :class:`~minidetr.nn.GroupNorm` whose groups, eps, weight and bias to use.
+
+    Shapes:
+        -> Tensor (B, C, H, W), zero on padding
+    """
+    B, C, H, W = x.shape
+    G = norm.num_groups
+    v = valid.reshape(B, 1, 1, H, W)                                   # (B, 1, 1, H, W)
+    count = valid.sum(axis=(1, 2, 3)).reshape(B, 1, 1, 1, 1) * (C // G)  # pixels per group
+    xg = x.reshape(B, G, C // G, H, W)                                 # (B, G, C/G, H, W)
+    mean = F.sum(xg * v, axis=(2, 3, 4), keepdims=True) / count        # (B, G, 1, 1, 1)
+    centred = (xg - mean) * v                                          # (B, G, C/G, H, W)
+    var = F.sum(centred * centred, axis=(2, 3, 4), keepdims=True) / count
+    x_hat = (centred / F.sqrt(var + norm.eps)).reshape(B, C, H, W)     # (B, C, H, W)
+    y = x_hat * norm.weight.reshape(1, C, 1, 1) + norm.bias.reshape(1, C, 1, 1)
+    return y * valid
 
 
 # --------------------------------------------------------------------------- masks
@@ -359,6 +460,8 @@ class Backbone(nn.Module):
 
     def forward(self, images, mask):
         images, mask = _check_inputs(images, mask)
+        if getattr(self.body, "mask_aware", False):
+            return self.body(images, self.return_layers, mask)  # exact masks per level
         features = self.body(images, self.return_layers)
         masks = [interpolate_mask(mask, f.shape[-2:]) for f in features]
         return features, masks
@@ -410,7 +513,7 @@ def _check_inputs(images, mask):
 
 def build_backbone(name="resnet50", hidden_dim=256, train_backbone=True,
                    return_interm_layers=True, dilation=False, tiny_channels=(16, 32, 64, 128),
-                   rng=None):
+                   rng=None, mask_aware_norm=False):
     """The backbone Joiner of the detector.
 
     Args:
@@ -421,6 +524,8 @@ def build_backbone(name="resnet50", hidden_dim=256, train_backbone=True,
         dilation: DC5 (ResNet-50 only).
         tiny_channels: the TinyBackbone's channel counts.
         rng: NumPy Generator for the random init.
+        mask_aware_norm: the TinyBackbone's GroupNorms ignore the padding (see
+            :class:`TinyBackbone`); no effect on the ResNets (frozen batch norm).
     """
     if hidden_dim % 2:
         raise ValueError(f"build_backbone: hidden_dim must be even, got {hidden_dim}")
@@ -428,7 +533,7 @@ def build_backbone(name="resnet50", hidden_dim=256, train_backbone=True,
     if name == "tiny":
         if dilation:
             raise ValueError("build_backbone: dilation (DC5) is only for ResNet-50")
-        body = TinyBackbone(tiny_channels, rng=rng)
+        body = TinyBackbone(tiny_channels, rng=rng, mask_aware=mask_aware_norm)
         backbone = Backbone(body, train_backbone, return_layers, freeze_stem_and_layer1=False)
     else:
         body = ResNet(name, dilation=dilation, rng=rng)

@@ -46,7 +46,8 @@ def build_model(cfg: ModelConfig) -> DeformableDETR:
     backbone = build_backbone(cfg.backbone, hidden_dim=cfg.d_model,
                               train_backbone=cfg.train_backbone,
                               return_interm_layers=cfg.num_feature_levels > 1,
-                              dilation=cfg.dilation, tiny_channels=cfg.tiny_channels, rng=rng)
+                              dilation=cfg.dilation, tiny_channels=cfg.tiny_channels, rng=rng,
+                              mask_aware_norm=cfg.mask_aware_norm)
     transformer = DeformableTransformer(
         d_model=cfg.d_model, nhead=cfg.nheads, num_encoder_layers=cfg.enc_layers,
         num_decoder_layers=cfg.dec_layers, dim_feedforward=cfg.dim_feedforward,
@@ -58,7 +59,8 @@ def build_model(cfg: ModelConfig) -> DeformableDETR:
                            num_queries=cfg.num_queries,
                            num_feature_levels=cfg.num_feature_levels, aux_loss=cfg.aux_loss,
                            with_box_refine=cfg.with_box_refine, two_stage=cfg.two_stage,
-                           gn_groups=cfg.gn_groups, rng=rng)
+                           gn_groups=cfg.gn_groups, rng=rng,
+                           mask_aware_norm=cfg.mask_aware_norm)
     # one reproducible dropout stream per Dropout module, from the config's seed
     return model.seed_dropout(cfg.seed)
 

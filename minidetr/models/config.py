@@ -72,6 +72,9 @@ class ModelConfig:
                                         # (Eq. 2-3) or "dense" (Eq. 1, the convergence
                                         # experiment; see models/dense_attention.py)
     gn_groups: int = 32                 # GroupNorm groups of the input projections
+    # GroupNorm statistics over the image only, not the zero padding of a batch (TinyBackbone
+    # and input projections): detections independent of the batch. False = official.
+    mask_aware_norm: bool = False
     # --- heads and variants
     num_classes: int = 91
     aux_loss: bool = True
@@ -122,7 +125,8 @@ class ModelConfig:
                      "num_feature_levels", "n_points", "num_queries", "gn_groups",
                      "num_classes", "num_select"):
             _positive_int(self, name)
-        for name in ("dilation", "train_backbone", "aux_loss", "with_box_refine", "two_stage"):
+        for name in ("dilation", "train_backbone", "aux_loss", "with_box_refine", "two_stage",
+                     "mask_aware_norm"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"ModelConfig.{name} must be True or False, "
                                 f"got {getattr(self, name)!r}")
@@ -184,7 +188,7 @@ PRESETS = {
     "tiny": dict(backbone="tiny", tiny_channels=(16, 32, 64, 128), d_model=64, nheads=4,
                  enc_layers=2, dec_layers=2, dim_feedforward=128, dropout=0.1,
                  num_feature_levels=3, n_points=2, num_queries=20, num_classes=5,
-                 train_backbone=True),
+                 train_backbone=True, mask_aware_norm=True),
     "small": dict(backbone="resnet18", d_model=128, nheads=8, enc_layers=3, dec_layers=3,
                   dim_feedforward=512, dropout=0.1, num_feature_levels=4, n_points=4,
                   num_queries=100, num_classes=91),

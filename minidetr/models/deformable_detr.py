@@ -47,7 +47,8 @@ import numpy as np
 from .. import functional as F
 from .. import nn
 from ..autograd import Tensor
-from .backbone import interpolate_mask
+from .backbone import (_conv_output_shape, conv_output_sizes, interpolate_mask, mask_of_sizes,
+                       masked_group_norm, valid_sizes)
 from .deformable_transformer import DeformableTransformer, box_from_reference
 
 __all__ = ["DeformableDETR"]
@@ -70,6 +71,10 @@ class DeformableDETR(nn.Module):
         with_box_refine: iterative bounding-box refinement.
         two_stage: encoder proposals as queries (needs ``with_box_refine``).
         gn_groups: GroupNorm groups of the input projections (official 32).
+        mask_aware_norm: the input projections' GroupNorms take their statistics over
+            the image only, not the padding, and extra levels get exact masks, so that an
+            image gives the same detections alone and in a padded batch (a minidetr
+            option; False is the official model, whose statistics include the padding).
         rng: NumPy Generator for the initialisers (and the dropout streams' seed).
 
     Shapes:
@@ -82,7 +87,7 @@ class DeformableDETR(nn.Module):
 
     def __init__(self, backbone, transformer, num_classes, num_queries, num_feature_levels,
                  aux_loss=True, with_box_refine=False, two_stage=False, gn_groups=32,
-                 rng=None):
+                 rng=None, mask_aware_norm=False):
         super().__init__()
         if rng is None:
             rng = np.random.default_rng()
@@ -120,6 +125,7 @@ class DeformableDETR(nn.Module):
         self.num_feature_levels = num_feature_levels
         self.aux_loss, self.with_box_refine, self.two_stage = aux_loss, with_box_refine, two_stage
         self.hidden_dim = C
+        self.mask_aware_norm = bool(mask_aware_norm)
 
         # ---- construct (official order: heads, query_embed, input projections)
         class_embed = nn.Linear(C, num_classes, rng=rng)
@@ -181,12 +187,23 @@ class DeformableDETR(nn.Module):
         """
         features, masks, pos = self.backbone(images, mask)
         masks, pos = list(masks), list(pos)
-        srcs = [proj(f) for proj, f in zip(self.input_proj, features)]
+        if self.mask_aware_norm:
+            srcs = [_project_masked(proj, f, m)
+                    for proj, f, m in zip(self.input_proj, features, masks)]
+        else:
+            srcs = [proj(f) for proj, f in zip(self.input_proj, features)]
         for l in range(len(features), self.num_feature_levels):
             # the first extra level reads the raw last backbone map, later ones the
             # previous projected level
-            src = self.input_proj[l](features[-1] if l == len(features) else srcs[-1])
-            level_mask = interpolate_mask(mask, src.shape[-2:])             # (B, H_l, W_l)
+            src_in = features[-1] if l == len(features) else srcs[-1]
+            if self.mask_aware_norm:            # 3x3 stride-2 conv: ceil(n / 2) valid
+                sizes = conv_output_sizes(valid_sizes(masks[-1]))           # (B, 2)
+                level_mask = mask_of_sizes(sizes, _conv_output_shape(src_in.shape[-2:]),
+                                           src_in.xp)                       # (B, H_l, W_l)
+                src = _project_masked(self.input_proj[l], src_in, level_mask)
+            else:
+                src = self.input_proj[l](src_in)
+                level_mask = interpolate_mask(mask, src.shape[-2:])         # (B, H_l, W_l)
             srcs.append(src)
             masks.append(level_mask)
             pos.append(self.backbone[1](level_mask, dtype=src.dtype))
@@ -235,6 +252,16 @@ class DeformableDETR(nn.Module):
         return (f"num_classes={self.num_classes}, num_queries={self.num_queries}, "
                 f"num_feature_levels={self.num_feature_levels}, aux_loss={self.aux_loss}, "
                 f"with_box_refine={self.with_box_refine}, two_stage={self.two_stage}")
+
+
+def _project_masked(proj, x, level_mask):
+    """``input_proj[l]`` (conv, GroupNorm) with the norm's statistics over the image only.
+
+    Shapes: x (B, C_in, H, W), level_mask (B, H_l, W_l) of the conv's output ->
+    Tensor (B, C, H_l, W_l), zero on padding.
+    """
+    y = proj[0](x)                                                    # (B, C, H_l, W_l)
+    return masked_group_norm(y, (~level_mask)[:, None].astype(y.dtype), proj[1])
 
 
 def _set_size_bias(mlp, value):

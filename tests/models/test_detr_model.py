@@ -332,12 +332,20 @@ def test_tiny_backward_reaches_every_trainable_parameter(tiny_outputs, variant):
 def test_tiny_extra_level_and_float64():
     """num_feature_levels=4 adds a stride-64 level from the raw C5; float64 stays float64."""
     images, mask = padded_batch()
-    model = build_model(get_config("tiny", "two-stage", num_feature_levels=4)).eval()
+    # the official masks (nearest resize of the image mask): mask_aware_norm=False
+    model = build_model(get_config("tiny", "two-stage", num_feature_levels=4,
+                                   mask_aware_norm=False)).eval()
     model.astype(np.float64)
     srcs, masks, pos = model.project_features(images.astype(np.float64), mask)
     assert [s.shape[-2:] for s in srcs] == [(8, 12), (4, 6), (2, 3), (1, 2)]
     assert model.input_proj[3][0].weight.shape == (64, 128, 3, 3)
     assert masks[3].tolist() == [[[False, False]], [[False, False]]]
+    # mask-aware: exact sizes, ceil(n / 2) per stride-2 conv; image 1 (40 x 56) is
+    # 1 x 1 at stride 64 (56 -> 28 -> 14 -> 7 -> 4 -> 2 -> 1), so its 2nd column is padding
+    aware = build_model(get_config("tiny", "two-stage", num_feature_levels=4)).eval()
+    _, aware_masks, _ = aware.project_features(images, mask)
+    assert aware_masks[3].tolist() == [[[False, False]], [[False, True]]], \
+        f"mask-aware stride-64 masks: {aware_masks[3].tolist()}"
     assert pos[3].dtype == np.float64 and srcs[3].dtype == np.float64
     out = model(Tensor(images.astype(np.float64)), mask)
     assert out["pred_boxes"].dtype == np.float64
