@@ -21,8 +21,11 @@
 # attention, Eq. (3), over all levels; its input and output are multi-scale maps of the
 # same resolutions, the queries are the pixels of every level, and each pixel's reference
 # point is the pixel itself. So every one of the $S$ tokens is a query, with its own
-# position as the reference point, seen from every level. This notebook
-# computes:
+# position as the reference point, seen from every level. One encoder serves all
+# levels: its parameters are shared across levels (only the offset and weight projections
+# grow with $L$, and the level embedding tells the levels apart), and there is no FPN,
+# because each query already samples every level, so information moves between scales
+# inside every layer ([model.md](../docs/model.md) §2). This notebook computes:
 #
 # 1. the valid ratios, which move a point between levels of different padding;
 # 2. the reference points of every token on every level;
@@ -279,6 +282,26 @@ change_padded = np.abs(noisy_memory.data - memory.data)[mask_flatten].max()
 print(f"noise in the padding changes the image's tokens by {change_valid:.1e}, "
       f"the padding's own tokens by {change_padded:.2f}")
 assert change_valid < 1e-5 and change_padded > 0.1
+
+# %% [markdown]
+# ## Exercises
+#
+# Solutions, each a function that asserts its answer:
+# [solutions/06_encoder.py](solutions/06_encoder.py).
+#
+# 1. **Break something.** Run the encoder without its padding mask (`None`) and fill the
+#    padded tokens with noise, as in section 4. Which check fails, and by how much do the
+#    image's tokens change?
+# 2. **Implement.** Write `get_reference_points` from the formula of section 2 and compare.
+#    Then drop the valid ratios (use each token's *padded* pixel centre on every level): for
+#    which image of a padded batch does the answer stay right?
+# 3. **Predict.** Before any training, how far from its reference, in pixels of the *input
+#    image*, does head $m$'s point $k$ on level $l$ sample? Check with
+#    `sampling_locations_and_weights` and the backbone's strides.
+# 4. **Measure.** How many input tokens does one token of the memory depend on after one
+#    encoder layer, and after two? Find out with a backward pass (careful: the sum of a
+#    LayerNorm's output is a constant, so project it on a random vector first). What bound do
+#    you expect after one layer?
 
 # %% [markdown]
 # ## Checks
