@@ -208,7 +208,10 @@ print(f"pred_logits {outputs['pred_logits'].shape}, pred_boxes {outputs['pred_bo
 #
 # The last layer of every box head starts at **zero**, with bias $-2$ on the size logits,
 # so at initialisation $\delta = (0, 0, -2, -2)$ for every query: each first box is
-# centred *exactly* on its reference point, with $w = h = \sigma(-2) \approx 0.12$. The
+# centred *exactly* on its reference point, with $w = h = \sigma(-2) \approx 0.12$. This is
+# the code's version of the paper's initial box $b^0_q = (\hat p_{qx}, \hat p_{qy}, 0.1, 0.1)$
+# (appendix A.4): the reference stays a 2-d point for the first layer and the $-2$ bias
+# supplies a size close to 0.1 ($\sigma^{-1}(0.1) \approx -2.2$; exercise 1). The
 # class heads' bias starts at $-\log((1 - 0.01) / 0.01) \approx -4.6$ (their weights are
 # random), so every class starts near probability 0.01, which keeps the focal loss of the
 # many unmatched queries small.
@@ -273,6 +276,27 @@ ax.legend(fontsize=7)
 ax.grid(alpha=0.3)
 plt.tight_layout()
 plt.show()
+
+# %% [markdown]
+# ## Exercises
+#
+# Solutions, each a function that asserts its answer:
+# [solutions/07_decoder_and_boxes.py](solutions/07_decoder_and_boxes.py).
+#
+# 1. **Predict.** The paper's initial box is $b^0_q = (\hat p_{qx}, \hat p_{qy}, 0.1, 0.1)$; the
+#    code's first boxes have size $\sigma(-2) \approx 0.119$. Which size bias reproduces the
+#    paper's $b^0$ exactly? Set it in `bbox_embed[0]` and check the first layer's boxes.
+# 2. **Break something.** Predict the boxes as $\sigma(\delta)$, without adding
+#    $\sigma^{-1}(r)$. Where are all the initial boxes now, and which check of section 4
+#    fails?
+# 3. **Predict.** The focal loss of 300 unmatched queries $\times$ 91 classes at
+#    initialisation (per ground-truth box), with the class bias $-\log 99$ and with bias 0.
+#    How many times larger is the second? Compute it by hand from
+#    $\alpha_t (1 - p_t)^2\, \mathrm{BCE}$, then with `sigmoid_focal_loss`.
+# 4. **Predict.** With refinement or two-stage the decoder's reference is a *box*
+#    $(c_x, c_y, w, h)$, and offsets become fractions of it: $\Delta p / K \cdot (w, h)/2$.
+#    Where do the $K$ initial points of head 0 (direction $(1, 0)$) land, on each level? And
+#    with a 2-d reference?
 
 # %% [markdown]
 # ## Checks
