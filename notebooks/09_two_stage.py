@@ -157,6 +157,14 @@ plt.show()
 # token is its **first** class logit, trained as class-agnostic "objectness"; the $k$
 # best tokens are kept (top-$k$ over $S$, per image), their box logits are **detached**,
 # and $r_0 = \sigma(\cdot)$, a 4-d box, is the decoder's initial reference.
+#
+# Two differences from the paper's wording (§4.2, appendix A.4), neither a change of
+# behaviour. The paper's first stage has a **binary** foreground classifier; the official
+# code, and minidetr, reuse a full class head of `num_classes` logits, train it with
+# every target relabelled 0 (so channels $1, 2, \dots$ only ever see negatives) and rank by
+# channel 0, which therefore *is* the binary score (exercise 2). And, as in the paper,
+# there is **no NMS** before the second stage: overlapping proposals all go to the decoder,
+# whose self-attention and one-to-one matching deal with duplicates (exercise 3).
 
 # %%
 head = cfg.dec_layers                                 # the extra, proposal head
@@ -331,6 +339,27 @@ for loss_name, keep in (("decoder losses only", lambda key: not key.endswith("_e
 print(f"{'gradient norm from':<22}" + "".join(f"{name:>21}" for name in norms))
 for name in parts:
     print(f"{name:<22}" + "".join(f"{norms[n][name]:>21.2e}" for n in norms))
+
+# %% [markdown]
+# ## Exercises
+#
+# Solutions, each a function that asserts its answer:
+# [solutions/09_two_stage.py](solutions/09_two_stage.py).
+#
+# 1. **Predict.** How many of the proposals of one *unpadded* $800 \times 1066$ image (the
+#    paper's four levels, $100 \times 134$ to $13 \times 17$) are invalid, and on which
+#    levels? Check with `encoder_output_proposals`.
+# 2. **Predict, then prove.** The paper's first stage has a *binary* foreground head; the code
+#    ranks by channel 0 of a full class head. Show that channel 0 is that binary head:
+#    randomise channels $1, 2, \dots$ of the proposal head and compare the selected boxes; and
+#    show that with every target relabelled 0 the focal loss only pushes channels
+#    $1, 2, \dots$ down.
+# 3. **Predict.** No NMS is applied before the second stage. What is the largest IoU between
+#    two *untrained* proposals (same level neighbours? a small box inside a larger one of the
+#    next level?), and would NMS at IoU 0.5 remove any of them? Implement greedy NMS to
+#    check.
+# 4. **Predict.** How many class and box heads does the two-stage model have, are any of them
+#    shared, and what are their size biases? Why is the $-2$ of notebook 7 gone?
 
 # %% [markdown]
 # ## Checks
