@@ -18,13 +18,17 @@ Common options: ``--device cpu|cuda|auto``, ``--config tiny|small|paper``,
 ``--variant plain|refine|two-stage``, ``--data``, ``--out``, ``--epochs``, ``--resume``,
 ``--overwrite``. Errors in the input (missing files, a checkpoint of another model, a
 folder that would be overwritten) end with a one-paragraph message and exit status 2; a
-non-finite loss with status 1; Ctrl-C during training saves a checkpoint and exits with 130.
+non-finite loss, a full or read-only disk, or any other failure of a training run with
+status 1 (a run that fails after its first step saves a checkpoint first, and says so);
+Ctrl-C during training saves a checkpoint and exits with 130, SIGTERM with 143.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import warnings
 from pathlib import Path
 
 # BLAS threads: the matrices of a model trained on a CPU here are small (d_model 64, a few
@@ -37,7 +41,7 @@ for _variable in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 
 from .backend import DeviceError  # noqa: E402  (after the BLAS setting)
 from .data import DatasetError  # noqa: E402
-from .files import write_json  # noqa: E402
+from .files import DiskWriteError, write_json  # noqa: E402
 from .models.config import PRESETS as MODEL_PRESETS  # noqa: E402
 from .models.config import VARIANTS  # noqa: E402
 from .training.engine import NonFiniteLossError  # noqa: E402
@@ -82,8 +86,10 @@ def _data_paths(values, val_values=None):
     if val_values is not None:
         val_ann, val_images = val_values
     if val_ann is None:
-        raise UsageError("--data ANN_JSON IMAGE_DIR gives the training split; also pass "
-                         "--val-data ANN_JSON IMAGE_DIR for the validation split")
+        print("no --val-data: the training images are also the validation split, so the AP "
+              "measures how well the model fits them, not how it does on new images (pass "
+              "--val-data ANN_JSON IMAGE_DIR for a held-out split)")
+        val_ann, val_images = train_ann, train_images
     return DataPaths(train_ann, train_images, val_ann, val_images)
 
 
@@ -128,7 +134,7 @@ def _load_detector(args):
     from .inference import Detector
 
     return Detector.from_checkpoint(args.checkpoint, config=args.config, variant=args.variant,
-                                    device=args.device)
+                                    device=args.device, max_size=getattr(args, "max_size", None))
 
 
 def _image_files(inputs):
@@ -187,7 +193,8 @@ def _cmd_train(args):
                                  device=args.device, progress=progress,
                                  debug_transfers=args.debug_transfers,
                                  time_limit=("keep" if args.time_limit is None
-                                             else args.time_limit))
+                                             else args.time_limit),
+                                 check_images=args.check_images)
     else:
         if args.data:
             data = _data_paths(args.data, args.val_data)
@@ -196,14 +203,18 @@ def _cmd_train(args):
             data = DataPaths.from_shapes(generate_shapes_dataset(
                 DEMO.data_dir, DEMO.num_train, DEMO.num_val, (DEMO.image_size,) * 2,
                 progress=progress))
-        categories = CategoryMap.from_coco(load_coco_json(data.train_annotations),
-                                           args.label_map)
+        train_json = load_coco_json(data.train_annotations)
+        categories = CategoryMap.from_coco(train_json, args.label_map)
+        queries = {} if args.num_queries is None else {"num_queries": args.num_queries}
         model_cfg = get_config(args.config, args.variant, num_classes=categories.num_classes,
-                               seed=args.seed)
+                               seed=args.seed, **queries)
+        _warn_about_crowded_images(train_json, data.train_annotations, model_cfg.num_queries)
+        rec = _recipe_of(args)
         train_cfg = TrainConfig(
-            epochs=args.epochs or 50, lr=args.lr, lr_backbone=args.lr_backbone,
-            weight_decay=args.weight_decay, clip_max_norm=args.clip_max_norm,
-            lr_drop=args.lr_drop, batch_size=args.batch_size, num_workers=args.num_workers,
+            epochs=rec["epochs"], lr=rec["lr"], lr_backbone=rec["lr_backbone"],
+            weight_decay=rec["weight_decay"], clip_max_norm=rec["clip_max_norm"],
+            lr_drop=rec["lr_drop"], batch_size=rec["batch_size"], num_workers=args.num_workers,
+            picture_threshold=args.picture_threshold,
             seed=args.seed, transforms=args.transforms or args.config,
             max_size=args.max_size, label_map=args.label_map,
             max_train_images=args.max_train_images, max_val_images=args.max_val_images,
@@ -212,17 +223,60 @@ def _cmd_train(args):
             init_from=_absolute(args.init_from))
         result = run_training(model_cfg, train_cfg, data, args.out, device=args.device,
                               overwrite=args.overwrite, progress=progress,
-                              debug_transfers=args.debug_transfers)
-    if result.interrupted:
-        return 130
+                              debug_transfers=args.debug_transfers,
+                              check_images=args.check_images)
+    if result.interrupted:                       # 130 after Ctrl-C, 143 after SIGTERM
+        return 128 + int(result.signal or signal.SIGINT)
     _print_metrics(result.final_metrics, f"final COCO metrics ({result.run_dir}):")
     return 0
+
+
+def _recipe_of(args) -> dict:
+    """The recipe of ``--config`` (training/config.py ``RECIPES``) with the options given;
+    printed, so that the run says which numbers it uses."""
+    from .training.config import recipe
+
+    rec = recipe(args.config)
+    given = {name: getattr(args, name) for name in rec if getattr(args, name) is not None}
+    rec.update(given)
+    print(f"recipe of --config {args.config}: " + ", ".join(
+        f"{name.replace('_', '-')} {value:g}" + (" (given)" if name in given else "")
+        for name, value in rec.items()))
+    return rec
+
+
+def _warn_about_crowded_images(coco_json, where, num_queries):
+    """A warning when some images hold more objects than the model has queries (it can
+    detect at most ``num_queries`` objects per image)."""
+    from collections import Counter
+
+    counts = Counter(a["image_id"] for a in coco_json["annotations"] if not a.get("iscrowd"))
+    crowded = sorted((n, i) for i, n in counts.items() if n > num_queries)
+    if crowded:
+        most, image_id = crowded[-1]
+        print(f"warning: {len(crowded)} images of {where} hold more objects than the model's "
+              f"{num_queries} queries (up to {most}, image id {image_id}); it can find at most "
+              f"{num_queries} per image; pass --num-queries {max(most, num_queries)} or more")
+
+
+def _logged_ap(ckpt):
+    """(epoch, AP) that training logged for checkpoint ``ckpt``, or None."""
+    progress = ckpt.progress or {}
+    if progress.get("step"):                     # saved mid-epoch: that epoch was not evaluated
+        return None
+    for record in progress.get("history") or []:
+        if record.get("epoch") == progress.get("epoch") and "AP" in record:
+            return int(record["epoch"]), float(record["AP"])
+    return None
 
 
 def _cmd_eval(args):
     from .data import CocoDetection, DataLoader, FirstImages
     from .models.build import build_criterion
+    from .training.config import locate_data
     from .training.engine import evaluate
+    from .training.evaluation import (METRIC_NAMES, MINUS_ONE_NOTE, CocoEvaluator,
+                                      write_coco_results)
 
     if args.checkpoint is None:
         # ``eval --data DIR CHECKPOINT``: the greedy --data took the checkpoint too
@@ -231,14 +285,16 @@ def _cmd_eval(args):
         else:
             raise UsageError("eval needs a checkpoint: python -m minidetr eval CHECKPOINT "
                              "[--data ...]")
-    if args.json and Path(args.json).exists() and not args.overwrite:
-        raise UsageError(f"{args.json} already exists; pass --overwrite to replace it")
+    for path in (args.json, args.save_detections):
+        if path and Path(path).exists() and not args.overwrite:
+            raise UsageError(f"{path} already exists; pass --overwrite to replace it")
     m = _load_detector(args)
+    recorded = m.checkpoint.train_config or {}
     if args.data:
         ann_file, image_dir = _eval_split(args.data)
     elif m.checkpoint.extra and "data" in m.checkpoint.extra:
-        ann_file = m.checkpoint.extra["data"]["val_annotations"]
-        image_dir = m.checkpoint.extra["data"]["val_images"]
+        ann_file, image_dir = locate_data(m.checkpoint.extra, Path(m.checkpoint.path).parent,
+                                          "val")
     else:
         raise UsageError(f"{m.checkpoint.path} does not record its validation data; pass "
                          "--data")
@@ -247,47 +303,135 @@ def _cmd_eval(args):
     if dataset.category_map.num_classes > m.config.num_classes:
         raise UsageError(f"{ann_file} needs {dataset.category_map.num_classes} class logits, "
                          f"the model has {m.config.num_classes}")
-    if args.max_images is not None:
-        dataset = FirstImages(dataset, args.max_images)
-    loader = DataLoader(dataset, args.batch_size, num_workers=args.num_workers)
-    print(f"evaluating {m.checkpoint.path} on {len(dataset)} images of {ann_file} "
-          f"({m.device})")
+    # by default the images, batches and order of the evaluation during training
+    max_images = args.max_images
+    as_in_training = not args.data and max_images is None
+    if as_in_training:
+        max_images = recorded.get("max_val_images")
+    if max_images is not None:
+        dataset = FirstImages(dataset, max_images)
+    batch_size = args.batch_size or recorded.get("batch_size") or 4
+    loader = DataLoader(dataset, batch_size, num_workers=args.num_workers)
+    how = " (as in training)" if args.batch_size is None and recorded.get("batch_size") else ""
+    print(f"evaluating {m.checkpoint.path} on {len(dataset)} images of {ann_file}, batches of "
+          f"{batch_size}{how} ({m.device})")
+    if not m.config.mask_aware_norm and batch_size > 1:
+        print("note: this model normalises over the padding of a batch (the official input "
+              "projections), so its AP depends a little on --batch-size; the batch size of "
+              "its training reproduces the logged AP (docs/training.md)")
+    evaluator = CocoEvaluator(dataset.coco, dataset.category_map)
     metrics = evaluate(m.model, build_criterion(m.config), m.postprocess,
                        loader.iter_epoch(0), dataset.coco, dataset.category_map,
                        num_steps=len(loader), device=m.device,
-                       progress=not args.no_progress, verbose=True)
+                       progress=not args.no_progress, verbose=True, evaluator=evaluator)
     _print_metrics(metrics, "COCO box metrics:")
+    if any(metrics.get(name) == -1 for name in METRIC_NAMES):
+        print(f"  ({MINUS_ONE_NOTE})")
+    logged = _logged_ap(m.checkpoint)
+    if logged is not None and (as_in_training or
+                               Path(ann_file).resolve() == Path(locate_data(
+                                   m.checkpoint.extra or {}, Path(m.checkpoint.path).parent,
+                                   "val", missing_ok=True)[0] or "").resolve()):
+        epoch, ap = logged
+        same = abs(ap - metrics["AP"]) <= 1e-6
+        print(f"AP logged by training after epoch {epoch}: {ap:.4f} "
+              + ("(reproduced)" if same else f"(differs by {metrics['AP'] - ap:+.4f})"))
     if args.json:
         write_json(args.json, metrics)
         print(f"wrote {args.json}")
+    if args.save_detections:
+        write_coco_results(args.save_detections, evaluator.results)
+        print(f"wrote {len(evaluator.results)} detections of {len(set(evaluator.image_ids))} "
+              f"images to {args.save_detections} (COCO results format)")
     return 0
 
 
+def _image_ids(files, ann_file):
+    """COCO image ids of ``files`` for ``predict --json``: from ``ann_file`` (matched by file
+    name), else the file names when all are numbers (COCO's ``000000039769.jpg``), else
+    1..N in order (then each result also carries its ``file_name``)."""
+    from .data import load_coco_json
+
+    if ann_file is not None:
+        by_name = {Path(im["file_name"]).name: im["id"]
+                   for im in load_coco_json(ann_file)["images"]}
+        unknown = [f.name for f in files if f.name not in by_name]
+        if unknown:
+            raise UsageError(f"--ann {ann_file}: {len(unknown)} images are not in it (e.g. "
+                             f"{unknown[0]}); predict only its images, or leave out --ann")
+        return {f: by_name[f.name] for f in files}, False
+    if all(f.stem.isdigit() for f in files):
+        return {f: int(f.stem) for f in files}, False
+    return {f: i + 1 for i, f in enumerate(files)}, True
+
+
 def _cmd_predict(args):
-    from .data import load_rgb_image
+    from tqdm import tqdm
+
+    from .training.evaluation import write_coco_results
     from .training.plots import draw_detections
 
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size must be at least 1, got {args.batch_size}")
     files = _image_files(args.images)
-    pngs = [Path(args.out) / f"{f.stem}.png" for f in files]
-    if len(set(pngs)) != len(pngs):
+    outs = [Path(args.out) / f"{f.stem}.{args.format}" for f in files]
+    if len(set(outs)) != len(outs):
         raise UsageError("two input images have the same file name stem; predict them into "
                          "separate --out folders")
-    clashes = [str(p) for p in pngs if p.exists()]
+    clashes = [str(p) for p in outs if p.exists()]
+    if args.json and Path(args.json).exists():
+        clashes.append(args.json)
     if clashes and not args.overwrite:
         raise UsageError(f"{len(clashes)} output files already exist (e.g. {clashes[0]}); pass "
                          "--overwrite to replace them, or another --out")
+    image_ids, numbered = _image_ids(files, args.ann) if args.json else ({}, False)
     detector = _load_detector(args)
-    for path, png in zip(files, pngs):
-        image = load_rgb_image(path)
-        det = detector.predict_image(image)
-        draw_detections(image, det, detector.class_name, png, score_threshold=args.threshold,
-                        title=f"{path.name}: score >= {args.threshold}")
-        keep = det["scores"] >= args.threshold
-        print(f"{path}: {int(keep.sum())} detections -> {png}")
-        for score, label, box in zip(det["scores"][keep], det["labels"][keep],
-                                     det["boxes"][keep]):
-            print(f"  {detector.class_name(label)} {score:.2f} "
-                  f"[{', '.join(f'{v:.0f}' for v in box)}]")
+    print(f"{detector}: {len(files)} images, batches of {args.batch_size}, score >= "
+          f"{args.threshold}")
+    results, skipped, done = [], [], 0
+    bar = tqdm(total=len(files), desc="predict", unit="image", disable=args.no_progress,
+               dynamic_ncols=True)
+    try:
+        for start in range(0, len(files), args.batch_size):
+            chunk, images = [], []
+            for path, out in zip(files[start:start + args.batch_size],
+                                 outs[start:start + args.batch_size]):
+                try:
+                    images.append(detector.load_image(path))
+                    chunk.append((path, out))
+                except DatasetError as e:               # one line, then the next image
+                    skipped.append(path)
+                    bar.write(f"skipped: {e}", file=sys.stderr)
+            raws = detector.predict_batch(images) if images else []
+            for (path, out), image, raw in zip(chunk, images, raws):
+                found = detector.detections(raw, (image.height, image.width), args.threshold,
+                                            str(path))
+                draw_detections(image, {"scores": found.scores, "labels": found.labels,
+                                        "boxes": found.boxes}, detector.class_name, out,
+                                score_threshold=args.threshold,
+                                title=f"{path.name}: score >= {args.threshold}")
+                lines = [f"{path}: {len(found)} detections -> {out}"] + [
+                    f"  {name} {score:.2f} [{', '.join(f'{v:.0f}' for v in box)}]"
+                    for name, score, box in zip(found.names, found.scores, found.boxes)]
+                bar.write("\n".join(lines))
+                if args.json:
+                    extra = {"file_name": path.name} if numbered else {}
+                    results.extend({**r, **extra} for r in found.to_coco(image_ids[path]))
+                done += 1
+            bar.update(len(chunk) + len(files[start:start + args.batch_size]) - len(chunk))
+    finally:
+        bar.close()
+    if args.json:
+        write_coco_results(args.json, results)
+        print(f"wrote {len(results)} detections to {args.json} (COCO results format"
+              + (", image ids 1..N in the order above" if numbered else "") + ")")
+    summary = f"predict: {done} of {len(files)} images done -> {args.out}"
+    if skipped:
+        print(f"{summary}; {len(skipped)} skipped (unreadable, see above): "
+              + ", ".join(str(p) for p in skipped[:5]) + (", ..." if len(skipped) > 5 else ""),
+              file=sys.stderr)
+        return 2
+    print(summary)
     return 0
 
 
@@ -371,7 +515,19 @@ class _MarkGiven(argparse.Action):
         setattr(namespace, "out_given", True)
 
 
-def _common(parser, *, out_default=None, out=True, data=True, epochs=True, resume=True):
+def _recipe_help(field):
+    """``(default: 5e-4 for tiny, 2e-4 for small and paper)``: a recipe field's defaults."""
+    from .training.config import RECIPES
+
+    by_value = {}
+    for preset, values in RECIPES.items():
+        by_value.setdefault(values[field], []).append(preset)
+    return "(default: " + ", ".join(f"{value:g} for {' and '.join(presets)}"
+                                   for value, presets in by_value.items()) + ")"
+
+
+def _common(parser, *, out_default=None, out=True, data=True, epochs=True, resume=True,
+            epochs_help=""):
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                         help="where to compute (default: cuda when CuPy sees a GPU, else cpu)")
     if out:
@@ -386,7 +542,8 @@ def _common(parser, *, out_default=None, out=True, data=True, epochs=True, resum
                             help="a dataset folder (annotations/instances_{train,val}.json, "
                                  "train/, val/) or ANN_JSON IMAGE_DIR")
     if epochs:
-        parser.add_argument("--epochs", type=int, default=None, help="number of epochs")
+        parser.add_argument("--epochs", type=int, default=None,
+                            help=f"number of epochs {epochs_help}".strip())
     if resume:
         parser.add_argument("--resume", nargs="?", const=True, default=None, metavar="RUN_DIR",
                             help="continue the run in RUN_DIR (default: --out) from its "
@@ -429,23 +586,38 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=_cmd_demo)
 
     t = sub.add_parser("train", help="train a model (or --resume a run)",
-                       description="Train Deformable DETR with the official recipe (AdamW, "
-                                   "three lr groups, clipping 0.1, StepLR). Without --data: "
-                                   "the built-in shapes dataset.")
-    _common(t, out_default="runs/train")
+                       description="Train Deformable DETR (AdamW, three lr groups, clipping, "
+                                   "StepLR). Each --config brings its own recipe: the official "
+                                   "one for small and paper, a CPU one for tiny (the defaults "
+                                   "below). Without --data: the built-in shapes dataset.")
+    _common(t, out_default="runs/train", epochs_help=_recipe_help("epochs"))
     _model_options(t)
     t.add_argument("--val-data", nargs=2, metavar=("ANN_JSON", "IMAGE_DIR"),
-                   help="the validation split (with --data ANN_JSON IMAGE_DIR)")
-    t.add_argument("--lr", type=float, default=2e-4, help="learning rate (default 2e-4)")
-    t.add_argument("--lr-backbone", type=float, default=2e-5,
-                   help="backbone learning rate (default 2e-5)")
-    t.add_argument("--weight-decay", type=float, default=1e-4)
-    t.add_argument("--clip-max-norm", type=float, default=0.1,
-                   help="gradient clipping (<= 0: off; default 0.1)")
-    t.add_argument("--lr-drop", type=int, default=40, help="epochs before lr x 0.1 (default 40)")
-    t.add_argument("--batch-size", type=int, default=2)
-    t.add_argument("--num-workers", type=int, default=2, help="data-loading threads")
-    t.add_argument("--seed", type=int, default=42, help="model and data seed (printed)")
+                   help="the validation split (with --data ANN_JSON IMAGE_DIR; default: the "
+                        "training split itself, which then measures fitting, not "
+                        "generalisation)")
+    t.add_argument("--lr", type=float, default=None,
+                   help="learning rate " + _recipe_help("lr"))
+    t.add_argument("--lr-backbone", type=float, default=None,
+                   help="backbone learning rate " + _recipe_help("lr_backbone"))
+    t.add_argument("--weight-decay", type=float, default=None,
+                   help="AdamW weight decay " + _recipe_help("weight_decay"))
+    t.add_argument("--clip-max-norm", type=float, default=None,
+                   help="gradient clipping, <= 0: off " + _recipe_help("clip_max_norm"))
+    t.add_argument("--lr-drop", type=int, default=None,
+                   help="epochs before lr x 0.1 " + _recipe_help("lr_drop"))
+    t.add_argument("--batch-size", type=int, default=None,
+                   help="images per step " + _recipe_help("batch_size"))
+    t.add_argument("--num-queries", type=int, default=None,
+                   help="object queries = most objects found per image (default: the "
+                        "--config's, 20 tiny, 100 small, 300 paper); a warning says when "
+                        "training images hold more objects")
+    t.add_argument("--picture-threshold", type=float, default=0.5,
+                   help="score threshold of the predictions drawn at the end (default 0.5)")
+    t.add_argument("--num-workers", type=int, default=2,
+                   help="data-loading threads (default 2)")
+    t.add_argument("--seed", type=int, default=42,
+                   help="model and data seed (printed; default 42)")
     t.add_argument("--transforms", default=None, choices=["tiny", "small", "paper"],
                    help="augmentation preset (default: the --config's)")
     t.add_argument("--max-size", type=int, default=None,
@@ -453,10 +625,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "--transforms preset's: 1333 paper, 640 small, 213 tiny); smaller "
                         "images need less memory")
     t.add_argument("--label-map", default="contiguous", choices=["contiguous", "raw"],
-                   help="class labels: contiguous 0..K-1, or raw COCO ids (91 logits)")
-    t.add_argument("--max-train-images", type=int, default=None)
-    t.add_argument("--max-val-images", type=int, default=None)
-    t.add_argument("--eval-every", type=int, default=1, help="evaluate every N epochs")
+                   help="class labels: contiguous 0..K-1, or raw COCO ids (91 logits; "
+                        "default contiguous)")
+    t.add_argument("--max-train-images", type=int, default=None,
+                   help="train on the first N images only (default: all)")
+    t.add_argument("--max-val-images", type=int, default=None,
+                   help="evaluate on the first N validation images only (default: all)")
+    t.add_argument("--eval-every", type=int, default=1,
+                   help="evaluate every N epochs, and after the last (default 1)")
     t.add_argument("--time-limit", type=float, default=None, metavar="MINUTES",
                    help="a time budget: no new epoch starts after MINUTES minutes (the "
                         "running one is finished, evaluated and saved)")
@@ -472,6 +648,11 @@ def build_parser() -> argparse.ArgumentParser:
                         ".safetensors/.bin or folder, minidetr .npz): every weight whose name "
                         "and shape match is loaded; class heads of another number of classes "
                         "are re-initialised (docs/pretrained.md)")
+    t.add_argument("--check-images", default="auto", choices=["auto", "decode", "header"],
+                   help="the pre-flight check of every image before training: decode every "
+                        "image (catches truncated files), or only open its header (size, "
+                        "mode, EXIF orientation); default auto: decode splits of up to "
+                        "10000 images, headers only beyond")
     t.set_defaults(func=_cmd_train)
 
     e = sub.add_parser("eval", help="COCO box AP of a checkpoint",
@@ -479,23 +660,35 @@ def build_parser() -> argparse.ArgumentParser:
                                    "AP75, APs, APm, APl). The model is the one recorded in "
                                    "the checkpoint unless --config/--variant are given.")
     e.add_argument("checkpoint", nargs="?",
-                   help="a .npz checkpoint or a run folder (its last.npz)")
+                   help="a checkpoint (.npz, .pth, .safetensors) or a run folder (its "
+                        "best.npz, else last.npz)")
     _common(e, out=False, epochs=False, resume=False)
     e.add_argument("--config", default=None, choices=CONFIGS,
                    help="build this preset instead of the model recorded in the checkpoint")
     e.add_argument("--variant", default=None, choices=VARIANT_NAMES,
                    help="build this variant instead of the recorded one")
-    e.add_argument("--batch-size", type=int, default=4)
-    e.add_argument("--num-workers", type=int, default=2)
-    e.add_argument("--max-images", type=int, default=None, help="only the first N images")
+    e.add_argument("--batch-size", type=int, default=None,
+                   help="images per forward pass (default: the run's training batch size, "
+                        "as its evaluation during training; else 4)")
+    e.add_argument("--num-workers", type=int, default=2,
+                   help="data-loading threads (default 2)")
+    e.add_argument("--max-images", type=int, default=None,
+                   help="only the first N images (default: those the run was evaluated on "
+                        "during training, all of them with --data)")
     e.add_argument("--json", default=None, help="also write the metrics to this JSON file")
+    e.add_argument("--save-detections", default=None, metavar="RESULTS_JSON",
+                   help="also write every detection in COCO results format (what "
+                        "pycocotools' COCO.loadRes and the COCO server read)")
     e.set_defaults(func=_cmd_eval)
 
-    r = sub.add_parser("predict", help="draw detections on images (PNG)",
-                       description="Run a checkpoint on image files or folders; write one PNG "
-                                   "per image with boxes, class names and scores, and print "
-                                   "the detections.")
-    r.add_argument("checkpoint", help="a .npz checkpoint or a run folder (its last.npz)")
+    r = sub.add_parser("predict", help="draw detections on images (JPEG/PNG, COCO json)",
+                       description="Run a checkpoint on image files or folders; write one "
+                                   "picture per image with boxes, class names and scores, "
+                                   "print the detections, and optionally save them as COCO "
+                                   "results json. Unreadable images are skipped with one line "
+                                   "each; the exit status is then 2.")
+    r.add_argument("checkpoint", help="a checkpoint (.npz, .pth, .safetensors) or a run "
+                                      "folder (its best.npz, else last.npz)")
     r.add_argument("images", nargs="+", help="image files and/or folders of images")
     _common(r, out_default="runs/predict", data=False, epochs=False, resume=False)
     r.add_argument("--config", default=None, choices=CONFIGS,
@@ -503,7 +696,19 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--variant", default=None, choices=VARIANT_NAMES,
                    help="build this variant instead of the recorded one")
     r.add_argument("--threshold", type=float, default=0.5,
-                   help="show detections scoring at least this (default 0.5)")
+                   help="keep detections scoring at least this (default 0.5)")
+    r.add_argument("--batch-size", type=int, default=1,
+                   help="images per forward pass (default 1)")
+    r.add_argument("--max-size", type=int, default=None,
+                   help="cap on the longer image side in pixels (default: the resolution "
+                        "the model was validated at)")
+    r.add_argument("--format", default="jpg", choices=["jpg", "png"],
+                   help="picture format (default jpg)")
+    r.add_argument("--json", default=None, metavar="RESULTS_JSON",
+                   help="also write the detections in COCO results format")
+    r.add_argument("--ann", default=None, metavar="ANN_JSON",
+                   help="with --json: take the image ids from this COCO annotation file "
+                        "(default: numeric file names, else 1..N)")
     r.set_defaults(func=_cmd_predict)
 
     s = sub.add_parser("subset", help="carve a small COCO subset out of a full set",
@@ -597,20 +802,42 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # --------------------------------------------------------------------------- main
+def _print_error(message, error=None):
+    """``error: message`` on stderr, then the notes a failed run attached (what was saved,
+    how to continue), one line each; never a traceback."""
+    print(f"error: {message}", file=sys.stderr)
+    for note in getattr(error, "__notes__", None) or []:
+        print(note, file=sys.stderr)
+
+
+def _plain_warning(message, category, filename, lineno, file=None, line=None):
+    """Warnings as one plain ``warning: ...`` line (no Python source line)."""
+    print(f"warning: {message}", file=sys.stderr if file is None else file)
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        result = args.func(args)
-    except NonFiniteLossError as e:
-        print(f"error: {e}", file=sys.stderr)
+        with warnings.catch_warnings():          # restores the filters and showwarning
+            warnings.filterwarnings("once", category=UserWarning)   # each one once
+            warnings.showwarning = _plain_warning
+            result = args.func(args)
+    except (NonFiniteLossError, DiskWriteError) as e:     # the run failed: status 1
+        _print_error(e, e)
         return 1
     except (UsageError, RunError, CheckpointError, DatasetError, DeviceError, FileExistsError,
             FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        _print_error(e, e)
         return 2
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        if args.func is not _cmd_train:
+            raise
+        # training: the trainer saved what it could and wrote the traceback to error.log
+        _print_error(f"the run stopped on an unexpected error: {type(e).__name__}: {e}", e)
+        return 1
     return 0 if result is None or not isinstance(result, int) else result
 
 

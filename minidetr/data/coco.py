@@ -11,9 +11,16 @@ What happens to the annotations (once, when the dataset is built), as in the off
    0..K-1 (``"contiguous"``, for small subsets).
 
 Images with no objects left are kept (they teach the model "nothing here"). Everything
-dropped or clipped is counted: ``dataset.report()`` gives the summary, and dropped boxes
-raise one warning when the dataset is built. Bad files raise :class:`DatasetError` naming
-the file, the image id or the json field.
+removed, dropped or clipped is counted per image: ``dataset.report()`` gives the summary,
+``dataset.notes()`` the image ids behind each count (the training run prints them in its
+pre-flight summary, :mod:`minidetr.data.preflight`), and dropped boxes raise one warning
+when the dataset is built (``warn=False``: none). Bad files raise :class:`DatasetError`
+naming the file, the image id or the json field.
+
+Images are decoded to 8-bit RGB (grayscale, palette, CMYK, 16-bit, ... are converted, see
+:func:`to_rgb8`) after their EXIF orientation tag is applied, as detectron2 does: a photo
+stored sideways with "rotate 90" in its EXIF is used upright, and its json width and height
+must be those of the upright image.
 
 Shapes (one sample of ``dataset.get(i, rng)``, after the transforms' ``Normalize``):
     image               (3, H, W) float32, ImageNet-normalised
@@ -262,6 +269,69 @@ def load_coco_json(ann_file):
 # --------------------------------------------------------------------------- images
 _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 
+# What each PIL mode is, for the reports (anything not RGB is converted by to_rgb8).
+MODE_NAMES = {"L": "grayscale", "LA": "grayscale with alpha", "1": "1-bit",
+              "P": "palette", "PA": "palette with alpha", "RGBA": "RGBA (alpha dropped)",
+              "RGBX": "RGBX", "CMYK": "CMYK", "YCbCr": "YCbCr", "LAB": "Lab", "HSV": "HSV",
+              "I;16": "16-bit grayscale", "I;16B": "16-bit grayscale",
+              "I;16L": "16-bit grayscale", "I;16N": "16-bit grayscale",
+              "I": "32-bit grayscale", "F": "floating-point grayscale"}
+
+EXIF_ORIENTATION_TAG = 0x0112
+# EXIF orientation -> the PIL transpose that makes the image upright (detectron2's table,
+# detectron2/data/detection_utils.py _apply_exif_orientation). 5..8 swap width and height.
+_EXIF_TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+                   4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
+                   6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+                   8: Image.Transpose.ROTATE_90}
+EXIF_ORIENTATION_NAMES = {2: "mirrored", 3: "rotate 180", 4: "flipped upside down",
+                          5: "mirrored and rotate 270 CW", 6: "rotate 90 CW",
+                          7: "mirrored and rotate 90 CW", 8: "rotate 270 CW"}
+
+
+def exif_orientation(image) -> int:
+    """The EXIF orientation tag of a PIL image (1..8; 1, also when absent, means upright).
+
+    A PNG's EXIF chunk may follow the pixels; it is read only once the image is loaded,
+    so for an unloaded PNG only an EXIF chunk before the pixels is seen.
+    """
+    if image.format == "PNG" and "exif" not in image.info:
+        return 1
+    try:
+        value = image.getexif().get(EXIF_ORIENTATION_TAG, 1)
+    except Exception:          # a damaged EXIF block: treat the image as upright
+        return 1
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1
+
+
+def apply_exif_orientation(image):
+    """The image turned upright by its EXIF orientation tag (as detectron2's ``read_image``)."""
+    method = _EXIF_TRANSPOSE.get(exif_orientation(image))
+    return image if method is None else image.transpose(method)
+
+
+def oriented_size(image) -> tuple:
+    """``(height, width)`` after the EXIF orientation (without decoding the pixels)."""
+    swap = exif_orientation(image) in (5, 6, 7, 8)
+    return (image.width, image.height) if swap else (image.height, image.width)
+
+
+def size_mismatch_message(path, image_id, size, expected, ann_file, raw_size=None,
+                          orientation=1) -> str:
+    """One sentence: the file's (h, w) disagrees with the json's; with EXIF, why it may."""
+    h, w = size
+    message = (f"image {path} (image id {image_id}) is {h}x{w} (h x w) but {ann_file} says "
+               f"{expected[0]}x{expected[1]}")
+    if orientation != 1 and raw_size is not None:
+        name = EXIF_ORIENTATION_NAMES.get(orientation, str(orientation))
+        message += (f" (after its EXIF orientation tag {orientation}, \"{name}\", applied as "
+                    f"detectron2 does; the stored pixels are {raw_size[0]}x{raw_size[1]})")
+        if tuple(raw_size) == tuple(expected):
+            message += ("; the json matches the unrotated pixels, so its boxes were probably "
+                        "drawn on them: remove the tag (e.g. `exiftool -Orientation= FILE`) "
+                        "or fix the json's width, height and boxes")
+    return message
+
 
 def to_rgb8(image):
     """Any PIL image -> 8-bit RGB.
@@ -282,13 +352,14 @@ def to_rgb8(image):
 
 
 def load_rgb_image(path, image_id=None):
-    """Decode an image file to 8-bit RGB; raise :class:`DatasetError` naming the file."""
+    """Decode an image file to 8-bit RGB, upright by its EXIF orientation (as detectron2);
+    raise :class:`DatasetError` naming the file."""
     what = f"image {path}" + ("" if image_id is None else f" (image id {image_id})")
     try:
         with open(path, "rb") as f:          # we own the file; the decoded image outlives it
             image = Image.open(f)
             image.load()
-        return to_rgb8(image)
+        return to_rgb8(apply_exif_orientation(image))
     except FileNotFoundError:
         raise DatasetError(f"{what}: file not found") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
@@ -297,8 +368,13 @@ def load_rgb_image(path, image_id=None):
 
 
 # --------------------------------------------------------------------------- dataset
+# What happened to the annotations of one image (counts), for reports.
+NOTE_KINDS = ("crowd_removed", "dropped_nonpositive", "dropped_outside", "clipped")
+
+
 def _prepare_boxes(anns, width, height, counts):
-    """Crowd removal, xywh -> xyxy, clipping, dropping empty boxes; updates ``counts``.
+    """Crowd removal, xywh -> xyxy, clipping, dropping empty boxes; adds to ``counts``
+    (a dict with the :data:`NOTE_KINDS` keys).
 
     Returns boxes (T, 4) float32 xyxy and category ids (T,) int64.
     """
@@ -335,6 +411,8 @@ class CocoDetection:
         check_files: check at construction that every image file exists.
         require_annotations: raise if the file has no annotation at all (a split with no
             objects cannot train or be evaluated); set False to load image-only files.
+        warn: raise one :class:`DatasetWarning` if boxes were dropped (the training run
+            passes False: its pre-flight summary reports them instead).
 
     Attributes:
         coco: the ``pycocotools.coco.COCO`` index of the file (for ``COCOeval``).
@@ -343,7 +421,7 @@ class CocoDetection:
     """
 
     def __init__(self, image_dir, ann_file, transforms=None, label_map="raw",
-                 check_files=True, require_annotations=True):
+                 check_files=True, require_annotations=True, warn=True):
         from pycocotools.coco import COCO
 
         self.image_dir = Path(image_dir)
@@ -380,10 +458,15 @@ class CocoDetection:
                             crowd_removed=0, dropped_nonpositive=0, dropped_outside=0,
                             clipped=0, objects=0, images_without_objects=0)
         self._records = []
+        self._notes = []                      # per image: {kind: count} of NOTE_KINDS
         for image_id in self.ids:
             info = self.coco.imgs[image_id]
             anns = self.coco.imgToAnns.get(image_id, [])
-            boxes, cat_ids = _prepare_boxes(anns, info["width"], info["height"], self._counts)
+            notes = dict.fromkeys(NOTE_KINDS, 0)
+            boxes, cat_ids = _prepare_boxes(anns, info["width"], info["height"], notes)
+            for kind, count in notes.items():
+                self._counts[kind] += count
+            self._notes.append(dict(notes, objects=len(boxes)))
             self._counts["objects"] += len(boxes)
             self._counts["images_without_objects"] += int(len(boxes) == 0)
             self._records.append((info["file_name"], info["height"], info["width"], boxes,
@@ -392,7 +475,7 @@ class CocoDetection:
         if check_files:
             self._check_files_exist()
         dropped = self._counts["dropped_nonpositive"] + self._counts["dropped_outside"]
-        if dropped:
+        if dropped and warn:
             warnings.warn(f"{self.ann_file}: {self.report()}", DatasetWarning, stacklevel=2)
 
     # ------------------------------------------------------------------ checks & report
@@ -425,6 +508,31 @@ class CocoDetection:
         parts.append(f"{c['clipped']} boxes clipped to the image")
         return "; ".join(parts)
 
+    def image_record(self, index):
+        """``(image_id, path, (height, width))`` of image ``index`` as the json gives it."""
+        file_name, height, width = self._records[index][:3]
+        return self.ids[index], self.image_dir / file_name, (height, width)
+
+    def notes(self, indices=None) -> dict:
+        """``{kind: [(image_id, count), ...]}`` for each kind of :data:`NOTE_KINDS` and
+        ``"without_objects"`` (count 1 each), over ``indices`` (default: every image),
+        listing only the images where it happened."""
+        indices = range(len(self)) if indices is None else indices
+        found = {kind: [] for kind in NOTE_KINDS + ("without_objects",)}
+        for index in indices:
+            note = self._notes[index]
+            for kind in NOTE_KINDS:
+                if note[kind]:
+                    found[kind].append((self.ids[index], note[kind]))
+            if note["objects"] == 0:
+                found["without_objects"].append((self.ids[index], 1))
+        return found
+
+    def num_objects(self, indices=None) -> int:
+        """Objects (boxes kept) in the images ``indices`` (default: every image)."""
+        indices = range(len(self)) if indices is None else indices
+        return sum(self._notes[i]["objects"] for i in indices)
+
     def verify(self, progress=False):
         """Decode every image (slow for large sets); return the list of problems found."""
         from tqdm import tqdm
@@ -448,8 +556,8 @@ class CocoDetection:
         path = self.image_dir / file_name
         image = load_rgb_image(path, image_id)
         if (image.height, image.width) != (height, width):
-            raise DatasetError(f"image {path} (image id {image_id}) is {image.height}x"
-                               f"{image.width} (h x w) but {self.ann_file} says {height}x{width}")
+            raise DatasetError(size_mismatch_message(path, image_id, (image.height, image.width),
+                                                     (height, width), self.ann_file))
         size = np.array([height, width], dtype=np.int64)
         target = {"image_id": image_id, "boxes": boxes.copy(), "labels": labels.copy(),
                   "orig_size": size, "size": size.copy()}
@@ -473,8 +581,8 @@ class FirstImages:
     """The first ``n`` images of a dataset: the same samples, the same augmentation streams.
 
     Quacks like :class:`CocoDetection` for the loader, the evaluator and the pictures
-    (``get``, ``load``, ``ids``, ``coco``, ``category_map``); ``--max-train-images`` and
-    ``eval --max-images`` use it.
+    (``get``, ``load``, ``ids``, ``coco``, ``category_map``, ``image_record``, ``notes``);
+    ``--max-train-images`` and ``eval --max-images`` use it.
     """
 
     def __init__(self, dataset, n):
@@ -483,6 +591,7 @@ class FirstImages:
         self.ids = dataset.ids[:self.n]
         self.coco = dataset.coco
         self.category_map = dataset.category_map
+        self.ann_file = dataset.ann_file
 
     def __len__(self):
         return self.n
@@ -493,3 +602,12 @@ class FirstImages:
     def load(self, index):
         return self.dataset.load(index)
 
+
+    def image_record(self, index):
+        return self.dataset.image_record(index)
+
+    def notes(self, indices=None) -> dict:
+        return self.dataset.notes(range(self.n) if indices is None else indices)
+
+    def num_objects(self, indices=None) -> int:
+        return self.dataset.num_objects(range(self.n) if indices is None else indices)

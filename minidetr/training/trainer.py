@@ -28,17 +28,30 @@ data order and augmentation of every sample are pure functions of ``(seed, epoch
 index)``. On the CPU a resumed run therefore computes the same numbers, bit for bit, as
 one that was never interrupted.
 
-Ctrl-C: the first one lets the current step finish, saves ``last.npz`` and returns
-(``TrainResult.interrupted``); a second one stops at once without saving. A non-finite
-loss raises :class:`~minidetr.training.engine.NonFiniteLossError` naming the step and the
-loss term; ``last.npz`` then still holds the last good epoch. Running out of (GPU) memory
-raises :class:`RunError` naming the batch and the options that shrink it.
+Ctrl-C or SIGTERM (what ``timeout`` and cluster schedulers send): the first one lets the
+current step finish, saves ``last.npz`` and returns (``TrainResult.interrupted``,
+``TrainResult.signal``); a second one stops at once without saving.
+
+Nothing is lost when a run fails. Before the first step, :mod:`minidetr.data.preflight`
+opens every image (and decodes it, on sets of up to 10 000 images) and prints a summary
+per split, so a bad image stops the run before anything is trained. After the first step,
+any failure (a bad image, an evaluation error, a non-finite loss, out of memory, a disk
+error) first saves ``last.npz`` at the last completed step, where the disk allows, and
+then raises the error with a note saying what was saved and how to continue
+(``error.__notes__``). A non-finite loss raises
+:class:`~minidetr.training.engine.NonFiniteLossError` naming the step and the loss term;
+running out of (GPU) memory raises :class:`RunError` naming the batch and the options that
+shrink it; a full or read-only disk raises :class:`~minidetr.files.DiskWriteError`. Every
+save first keeps the previous ``last.npz`` as ``last.prev.npz``, so a damaged ``last.npz``
+still leaves a checkpoint to resume from (``--resume RUN_DIR/last.prev.npz``).
 """
 from __future__ import annotations
 
+import json
 import signal
 import threading
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,21 +59,24 @@ import numpy as np
 
 from .. import __version__
 from ..backend import is_out_of_memory, resolve_device, to_device
-from ..data import (PRESETS, CategoryMap, CocoDetection, DataLoader, FirstImages, collate,
-                    make_transforms)
+from ..data import (PRESETS, CategoryMap, CocoDetection, DataLoader, DatasetError, FirstImages,
+                    collate, make_transforms)
+from ..data.preflight import preflight
+from ..files import DiskWriteError, keep_previous, write_text
 from ..inference import predict
 from ..models.build import build_criterion, build_model, build_postprocess
 from ..models.config import ModelConfig
 from ..optim import AdamW, StepLR
-from ..weights.checkpoint import (Checkpoint, CheckpointError, load_checkpoint,
-                                  load_model_state, save_checkpoint)
+from ..weights.checkpoint import (Checkpoint, CheckpointError, CorruptCheckpointError,
+                                  load_checkpoint, load_model_state, save_checkpoint)
 from ..weights.pretrained import load_pretrained
 from .config import DataPaths, TrainConfig
 from .engine import (RunningAverages, StepOutOfMemoryError, build_param_groups, evaluate,
                      train_one_epoch)
 from .evaluation import METRIC_NAMES
 from .plots import draw_detections, plot_ap, plot_losses
-from .run_dir import RunError, prepare_run_dir, write_metrics, write_run_json
+from .run_dir import (CHECKPOINT_FILES, RunError, existing_run_files, prepare_run_dir,
+                      write_metrics, write_run_json)
 
 # --------------------------------------------------------------------------- data
 def build_datasets(data: DataPaths, cfg: TrainConfig, category_map=None):
@@ -75,9 +91,9 @@ def build_datasets(data: DataPaths, cfg: TrainConfig, category_map=None):
     val_tf = make_transforms("val", cfg.transforms, **kwargs)
     label_map = category_map if category_map is not None else cfg.label_map
     train = CocoDetection(data.train_images, data.train_annotations, transforms=train_tf,
-                          label_map=label_map)
+                          label_map=label_map, warn=False)     # the pre-flight summary says
     val = CocoDetection(data.val_images, data.val_annotations, transforms=val_tf,
-                        label_map=train.category_map)
+                        label_map=train.category_map, warn=False)
     if cfg.max_train_images is not None:
         train = FirstImages(train, cfg.max_train_images)
     if cfg.max_val_images is not None:
@@ -85,18 +101,40 @@ def build_datasets(data: DataPaths, cfg: TrainConfig, category_map=None):
     return train, val
 
 
-# --------------------------------------------------------------------------- Ctrl-C
-class GracefulInterrupt:
-    """First Ctrl-C: ask the loop to stop after the current step. Second: stop at once.
+# --------------------------------------------------------------------------- failures
+# Errors whose message says all (no traceback needed); anything else is a bug or an
+# environment problem, and its traceback goes to the run folder's error.log.
+EXPECTED_FAILURES = (DatasetError, FloatingPointError, MemoryError, RunError, CheckpointError,
+                     DiskWriteError, KeyboardInterrupt)
 
-    Only the main thread can install signal handlers; elsewhere Ctrl-C keeps its usual
-    meaning (KeyboardInterrupt). ``requested`` can also be set by code (tests, callbacks).
+
+def add_note(error, note: str):
+    """Attach ``note`` to ``error`` (``BaseException.add_note`` where Python has it, 3.11+;
+    the same ``__notes__`` list before). The CLI prints the notes under the error line."""
+    if hasattr(error, "add_note"):
+        error.add_note(note)
+    else:
+        error.__notes__ = [*getattr(error, "__notes__", []), note]
+
+
+# --------------------------------------------------------------------------- Ctrl-C, SIGTERM
+class GracefulInterrupt:
+    """First Ctrl-C or SIGTERM: ask the loop to stop after the current step (and save).
+    Second: stop at once (KeyboardInterrupt), without saving.
+
+    SIGTERM is what ``timeout``, ``kill`` and cluster schedulers (before their SIGKILL)
+    send. ``signal`` is the number of the first signal received (None if stopped by code).
+    Only the main thread can install signal handlers; elsewhere both keep their usual
+    meaning. ``requested`` can also be set by code (tests, callbacks).
     """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self, log=print):
         self.requested = False
+        self.signal = None
         self.log = log
-        self._previous = None
+        self._previous = {}
 
     def __call__(self):
         return self.requested
@@ -104,18 +142,21 @@ class GracefulInterrupt:
     def _handler(self, signum, frame):
         if self.requested:
             raise KeyboardInterrupt
-        self.requested = True
-        self.log("\nCtrl-C: stopping after this step and saving a checkpoint "
-                 "(press Ctrl-C again to stop at once, without saving)")
+        self.requested, self.signal = True, signum
+        name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        self.log(f"\n{name}: stopping after this step and saving a checkpoint "
+                 f"(another {name} stops at once, without saving)")
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handler)
+            for signum in self.SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._handler)
         return self
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+        self._previous = {}
         return False
 
 
@@ -131,6 +172,7 @@ class TrainResult:
     epoch: int = 0                  # completed epochs
     step: int = 0                   # batches done in the next epoch (when interrupted)
     pictures: list = field(default_factory=list)
+    signal: int | None = None       # the signal that interrupted the run (SIGINT, SIGTERM)
 
 
 class Trainer:
@@ -141,7 +183,7 @@ class Trainer:
 
     def __init__(self, model_cfg: ModelConfig, train_cfg: TrainConfig, data: DataPaths,
                  run_dir, *, device="cpu", category_map=None, progress=True, log=print,
-                 debug_transfers=False):
+                 debug_transfers=False, check_images="auto"):
         self.model_cfg = model_cfg.validate()
         self.cfg = train_cfg
         self.data = data
@@ -152,6 +194,7 @@ class Trainer:
         self.log = log
 
         self.train_set, self.val_set = build_datasets(data, train_cfg, category_map)
+        self.check_data(check_images)
         self.category_map = self.train_set.category_map
         if self.category_map.num_classes != model_cfg.num_classes:
             raise RunError(f"the model has num_classes={model_cfg.num_classes} logits but the "
@@ -180,9 +223,27 @@ class Trainer:
         self.step = 0                           # batches done in epoch self.epoch
         self.partial = None                     # RunningAverages of those batches
         self.history = []
+        self.saved_at = None                    # (epoch, step) of last.npz on disk
+        self.keep_previous_last = True          # last.npz -> last.prev.npz before a save
+        self._rng_after_step = None             # dropout RNG after the last completed step
+
+    # ------------------------------------------------------------------ pre-flight
+    def check_data(self, check_images="auto"):
+        """Open every image of both splits (:func:`~minidetr.data.preflight.preflight`) and
+        log one summary per split; a bad image raises DatasetError before any training."""
+        same = (Path(self.data.val_annotations).resolve()
+                == Path(self.data.train_annotations).resolve())
+        for split, dataset in (("train", self.train_set), ("val", self.val_set)):
+            summary = preflight(dataset, split, decode=check_images, progress=self.progress,
+                                num_workers=self.cfg.num_workers,
+                                same_file_as="train" if split == "val" and same else None)
+            for line in summary.lines():
+                self.log(line)
 
     # ------------------------------------------------------------------ checkpoints
-    def checkpoint(self) -> Checkpoint:
+    def checkpoint(self, rng_state=None) -> Checkpoint:
+        """Everything needed to continue; ``rng_state``: the dropout generators' state to
+        record (default: now)."""
         return Checkpoint(
             model_state=self.model.state_dict(),
             optimizer_state=self.optimizer.state_dict(),
@@ -191,7 +252,8 @@ class Trainer:
                       "steps_per_epoch": len(self.train_loader),
                       "partial": None if self.partial is None else self.partial.state(),
                       "history": self.history},
-            rng={"data_seed": self.cfg.seed, "dropout": self.model.rng_state()},
+            rng={"data_seed": self.cfg.seed,
+                 "dropout": self.model.rng_state() if rng_state is None else rng_state},
             model_config=self.model_cfg.to_dict(), train_config=self.cfg.to_dict(),
             category_map=self.category_map.to_dict(),
             extra={"data": self.data.to_dict(), "minidetr_version": __version__})
@@ -213,9 +275,56 @@ class Trainer:
         self.epoch, self.step = int(progress["epoch"]), int(progress["step"])
         self.partial = RunningAverages.from_state(progress["partial"])
         self.history = list(progress["history"])
+        self.saved_at = (self.epoch, self.step)
 
-    def save(self, name="last.npz"):
-        return save_checkpoint(self.run_dir / name, self.checkpoint(), overwrite=True)
+    def save(self, name="last.npz", rng_state=None):
+        """Write a checkpoint; ``last.npz`` first keeps its previous version as
+        ``last.prev.npz`` (a hard link: no copy), so both are complete at every moment."""
+        path = self.run_dir / name
+        if name == "last.npz":
+            if self.keep_previous_last:
+                keep_previous(path, self.run_dir / "last.prev.npz", what="checkpoint")
+            save_checkpoint(path, self.checkpoint(rng_state), overwrite=True)
+            self.saved_at, self.keep_previous_last = (self.epoch, self.step), True
+            return path
+        return save_checkpoint(path, self.checkpoint(rng_state), overwrite=True)
+
+    # ------------------------------------------------------------------ failures
+    def _position(self, epoch=None, step=None) -> str:
+        epoch, step = (self.epoch, self.step) if epoch is None else (epoch, step)
+        if step == 0:
+            return f"after epoch {epoch}" if epoch else "before the first step"
+        return f"epoch {epoch + 1}, {step} of {len(self.train_loader)} steps done"
+
+    def _save_after_failure(self, error) -> str:
+        """Save ``last.npz`` at the last completed step (where the disk allows); return a
+        note for the user: what is on disk and the command that continues the run."""
+        resume = f"`python -m minidetr train --resume {self.run_dir}`"
+        if (self.epoch, self.step) == (0, 0) and self.saved_at is None:
+            return (f"Nothing was trained yet and {self.run_dir} holds no checkpoint; once "
+                    "the cause is fixed, the same command starts the run again (no "
+                    "--overwrite needed).")
+        kept = (f"{self.run_dir / 'last.npz'} ({self._position(*self.saved_at)}) is intact"
+                if self.saved_at is not None else "no checkpoint was written")
+        if (self.epoch, self.step) != self.saved_at:
+            try:
+                path = self.save("last.npz", rng_state=self._rng_after_step)
+            except Exception as save_error:       # the disk, most likely: say both
+                return (f"Saving a checkpoint failed too ({save_error}); {kept}. Continue "
+                        f"from it with {resume} once the cause is fixed.")
+            return (f"Saved {path} ({self._position()}) before stopping; continue the run "
+                    f"with {resume} once the cause is fixed.")
+        return f"{kept}; continue the run with {resume} once the cause is fixed."
+
+    def _log_traceback(self, error) -> str:
+        """Write an unexpected error's traceback to ``error.log``; return a note naming it."""
+        path = self.run_dir / "error.log"
+        try:
+            write_text(path, "".join(traceback.format_exception(
+                type(error), error, error.__traceback__)), what="error log")
+        except Exception:                       # no disk left: the note says what it can
+            return "The traceback could not be written to disk."
+        return f"The full traceback is in {path}."
 
     # ------------------------------------------------------------------ the loop
     def _eval_due(self, epoch, out_of_time=False):
@@ -244,12 +353,22 @@ class Trainer:
         ``interrupted``.
         """
         with GracefulInterrupt(self.log) as interrupt:
-            return self._fit(interrupt, on_step)
+            try:
+                return self._fit(interrupt, on_step)
+            except Exception as error:          # save what was trained, then say so
+                notes = [self._save_after_failure(error)]
+                if not isinstance(error, EXPECTED_FAILURES):
+                    notes.append(self._log_traceback(error))
+                for note in notes:
+                    add_note(error, note)
+                raise
 
     def _fit(self, interrupt, on_step) -> TrainResult:
         steps, fit_started = len(self.train_loader), time.perf_counter()
 
         def hook(epoch, step, values):          # on_step may ask to stop, like Ctrl-C
+            self.step = step                    # the last completed step, for failures
+            self._rng_after_step = self.model.rng_state()
             if on_step is not None and on_step(epoch, step, values):
                 interrupt.requested = True
 
@@ -257,6 +376,8 @@ class Trainer:
             epoch, started = self.epoch, time.perf_counter()
             lr = self.optimizer.param_groups[0]["lr"]
             if self.step < steps:
+                if self.partial is None:
+                    self.partial = RunningAverages()      # updated in place, step by step
                 try:
                     result = train_one_epoch(
                         self.model, self.criterion, self.optimizer,
@@ -265,13 +386,11 @@ class Trainer:
                         device=self.device, first_step=self.step, averages=self.partial,
                         should_stop=interrupt, on_step=hook, progress=self.progress,
                         debug_transfers=self.debug_transfers)
-                except FloatingPointError as e:
-                    raise type(e)(f"{e}\n{self._kept()}") from None
                 except MemoryError as e:           # engine.StepOutOfMemoryError and kin
                     raise RunError(self._memory_advice(e)) from e
                 self.step, self.partial = result.steps_done, result.averages
                 if interrupt.requested:
-                    return self._interrupted()
+                    return self._interrupted(interrupt)
             record = {"epoch": epoch + 1, "lr": lr}
             record.update({f"train_{k}": v for k, v in self.partial.means().items()
                            if k != "lr"})
@@ -288,7 +407,7 @@ class Trainer:
                         raise RunError(self._memory_advice(e, "evaluating")) from e
                     raise
                 if val is None:
-                    return self._interrupted()
+                    return self._interrupted(interrupt)
                 record.update({(k if k in METRIC_NAMES else f"val_{k}"): v
                                for k, v in val.items()})
             record["seconds"] = round(time.perf_counter() - started, 2)
@@ -304,7 +423,7 @@ class Trainer:
             self._plots()
             self.log(_epoch_line(record, self.cfg.epochs))
             if interrupt.requested:
-                return self._interrupted()
+                return self._interrupted(interrupt)
             if out_of_time and self.epoch < self.cfg.epochs:
                 self.log(f"time limit of {self.cfg.time_limit:g} min reached after epoch "
                          f"{self.epoch}/{self.cfg.epochs}: stopping here (continue with "
@@ -316,13 +435,6 @@ class Trainer:
         return TrainResult(self.run_dir, self.history, final, epoch=self.epoch,
                            pictures=pictures)
 
-    def _kept(self) -> str:
-        """Which checkpoint survives a run that stopped on an error."""
-        if (self.run_dir / "last.npz").exists():
-            return (f"The last good checkpoint {self.run_dir / 'last.npz'} (after epoch "
-                    f"{self.epoch}, step {self.step}) is kept.")
-        return "No checkpoint was written yet."
-
     def _memory_advice(self, error, doing="training") -> str:
         """Out of memory: what happened, and the options (CLI names) that need less."""
         max_size = self.cfg.max_size or PRESETS[self.cfg.transforms].max_size
@@ -333,15 +445,15 @@ class Trainer:
                 f"a new run with a smaller --batch-size (this run: {self.cfg.batch_size}), "
                 f"a smaller --max-size (the long side of an image, this run: {max_size} "
                 f"pixels), a smaller --transforms preset (this run: {self.cfg.transforms}; "
-                f"small and tiny use smaller images), or a smaller --config. {self._kept()}")
+                f"small and tiny use smaller images), or a smaller --config.")
 
-    def _interrupted(self) -> TrainResult:
+    def _interrupted(self, interrupt=None) -> TrainResult:
         path = self.save("last.npz")
         self.log(f"interrupted: saved {path} (epoch {self.epoch + 1}, {self.step} of "
                  f"{len(self.train_loader)} steps done); continue with "
                  f"`python -m minidetr train --resume {self.run_dir}`")
         return TrainResult(self.run_dir, self.history, interrupted=True, epoch=self.epoch,
-                           step=self.step)
+                           step=self.step, signal=getattr(interrupt, "signal", None))
 
     def _plots(self):
         plot_losses(self.history, self.run_dir / "loss.png")
@@ -390,23 +502,33 @@ def _epoch_line(record, epochs):
 # --------------------------------------------------------------------------- entry points
 def run_training(model_cfg: ModelConfig, train_cfg: TrainConfig, data: DataPaths, out_dir, *,
                  device="cpu", overwrite=False, progress=True, on_step=None,
-                 log=print, debug_transfers=False) -> TrainResult:
+                 log=print, debug_transfers=False, check_images="auto") -> TrainResult:
     """Train a new model; see the module docstring for what ``out_dir`` receives.
 
     ``debug_transfers`` runs every training step under
     :func:`~minidetr.backend.transfer_guard` (GPU debugging; nothing changes on a CPU).
+    ``check_images``: the pre-flight check, "auto", "decode" or "header"
+    (:func:`~minidetr.data.preflight.preflight`). A folder whose earlier run saved no
+    checkpoint is reused without ``overwrite`` (nothing in it can be lost).
 
     Raises:
         RunError: ``out_dir`` already holds a run (and ``overwrite`` is False), the
             data and the model disagree, or a step ran out of memory.
-        NonFiniteLossError: the loss became NaN/inf (``last.npz`` keeps the last epoch).
+        NonFiniteLossError: the loss became NaN/inf (``last.npz`` keeps the last step).
+        DatasetError: the pre-flight check found a bad image (nothing is written).
+        DiskWriteError: the disk refused a file (no space, read-only, no permission).
     """
     device = resolve_device(device)
     run_dir = Path(out_dir)
     trainer = Trainer(model_cfg, train_cfg, data, run_dir, device=device,
-                      progress=progress, log=log, debug_transfers=debug_transfers)
+                      progress=progress, log=log, debug_transfers=debug_transfers,
+                      check_images=check_images)
     for line in load_pretrained(trainer.model, model_cfg, train_cfg):   # before any file
         log(line)
+    stale = existing_run_files(run_dir) if run_dir.is_dir() else []
+    if stale and not overwrite and not set(stale) & set(CHECKPOINT_FILES):
+        log(f"{run_dir} holds a run that stopped before saving any checkpoint "
+            f"({', '.join(stale)}): starting it again")
     prepare_run_dir(run_dir, overwrite)
     write_run_json(run_dir, {
         "model_config": model_cfg.to_dict(), "train_config": train_cfg.to_dict(),
@@ -422,10 +544,69 @@ def run_training(model_cfg: ModelConfig, train_cfg: TrainConfig, data: DataPaths
     return trainer.fit(on_step)
 
 
+def _describe_checkpoint(path) -> str | None:
+    """``"epoch 2, 1 of 3 steps done"`` for a readable checkpoint with progress, else None."""
+    try:
+        progress = load_checkpoint(path).progress
+    except CheckpointError:
+        return None
+    if not progress:
+        return "weights only"
+    epoch, step = int(progress["epoch"]), int(progress["step"])
+    if step == 0:
+        return f"after epoch {epoch}"
+    return f"epoch {epoch + 1}, {step} of {progress['steps_per_epoch']} steps done"
+
+
+def _other_checkpoints(run_dir, damaged) -> str:
+    """What to do when ``damaged`` cannot be read: the other readable checkpoints of the
+    run folder, and the command that resumes from each."""
+    found = []
+    for name in CHECKPOINT_FILES:
+        path = Path(run_dir) / name
+        if path != Path(damaged) and path.is_file():
+            where = _describe_checkpoint(path)
+            if where is not None and where != "weights only":
+                found.append((path, where))
+    if not found:
+        return (f"No other readable checkpoint is in {run_dir}; start the run again with "
+                f"`python -m minidetr train ... --out {run_dir} --overwrite`.")
+    listed = "; ".join(f"`python -m minidetr train --resume {path}` ({where})"
+                       for path, where in found)
+    return (f"Resume from an earlier checkpoint instead (the training after it is redone, "
+            f"and {Path(damaged).name} is replaced at the next save): {listed}.")
+
+
+def _restart_from_run_json(run_dir, epochs, data, time_limit, **kwargs) -> TrainResult:
+    """``--resume`` of a run that saved no checkpoint: start it again from ``run.json``."""
+    try:
+        info = json.loads((Path(run_dir) / "run.json").read_text(encoding="utf-8"))
+        model_cfg = ModelConfig.from_dict(info["model_config"])
+        train_cfg = TrainConfig.from_dict(info["train_config"])
+        data = data if data is not None else DataPaths.from_dict(info["data"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise RunError(f"cannot resume: {run_dir} holds no checkpoint, and its run.json cannot "
+                       f"be read ({type(e).__name__}: {e}); start a new run with `python -m "
+                       f"minidetr train ... --out {run_dir}` (no --overwrite needed)") from None
+    if epochs is not None:
+        train_cfg = train_cfg.replace(epochs=int(epochs))
+    if time_limit != "keep":
+        train_cfg = train_cfg.replace(time_limit=time_limit)
+    kwargs["log"](f"{run_dir} holds no checkpoint: the run stopped before its first step "
+                  "finished, so it starts again from the beginning with the configuration "
+                  "in its run.json")
+    return run_training(model_cfg, train_cfg, data, run_dir, **kwargs)
+
+
 def resume_training(run_dir, *, epochs=None, data: DataPaths | None = None, device="cpu",
                     progress=True, on_step=None, log=print, debug_transfers=False,
-                    time_limit="keep") -> TrainResult:
+                    time_limit="keep", check_images="auto") -> TrainResult:
     """Continue the run in ``run_dir`` from its ``last.npz``, exactly where it stopped.
+
+    ``run_dir`` may also name a checkpoint inside a run folder (``runs/x/last.prev.npz``,
+    ``runs/x/best.npz``) to continue from it when ``last.npz`` is damaged; the run then
+    goes on in that folder. A folder whose run stopped before saving any checkpoint (it
+    holds a ``run.json`` only) is started again from the beginning.
 
     Args:
         epochs: a new total number of epochs (to train longer); default the run's own.
@@ -435,18 +616,37 @@ def resume_training(run_dir, *, epochs=None, data: DataPaths | None = None, devi
             the resume), None for none; default ``"keep"``: the run's own.
 
     Raises:
-        RunError: ``run_dir`` does not exist or holds no checkpoint, or a step ran out
-            of memory.
-        CheckpointError: the checkpoint is unreadable or does not fit.
+        RunError: ``run_dir`` does not exist or holds no run, or a step ran out of memory.
+        CheckpointError: the checkpoint does not fit; :class:`CorruptCheckpointError`
+            (damaged) lists the folder's other checkpoints and the command for each.
     """
     device = resolve_device(device)
     run_dir = Path(run_dir)
+    ckpt_path = run_dir / "last.npz"
+    if run_dir.suffix == ".npz" and not run_dir.is_dir():        # a checkpoint in the folder
+        run_dir, ckpt_path = run_dir.parent, run_dir
+        if not ckpt_path.is_file():
+            raise RunError(f"cannot resume: checkpoint not found: {ckpt_path}")
     if not run_dir.is_dir():
         raise RunError(f"cannot resume: the run folder {run_dir} does not exist")
-    if not (run_dir / "last.npz").is_file():
-        raise RunError(f"cannot resume: {run_dir} holds no checkpoint (last.npz); start a new "
-                       "run instead")
-    ckpt = load_checkpoint(run_dir / "last.npz")
+    if not ckpt_path.is_file():
+        others = [n for n in CHECKPOINT_FILES if (run_dir / n).is_file()]
+        if others:
+            raise RunError(f"cannot resume: {run_dir} holds no last.npz; " + _other_checkpoints(
+                run_dir, ckpt_path))
+        if (run_dir / "run.json").is_file():
+            return _restart_from_run_json(
+                run_dir, epochs, data, time_limit, device=device, progress=progress,
+                on_step=on_step, log=log, debug_transfers=debug_transfers,
+                check_images=check_images)
+        raise RunError(f"cannot resume: {run_dir} holds no checkpoint and no run.json (no run "
+                       f"was started there); start one with `python -m minidetr train ... "
+                       f"--out {run_dir}`")
+    try:
+        ckpt = load_checkpoint(ckpt_path)
+    except CorruptCheckpointError as e:
+        raise CorruptCheckpointError(f"{e}\n{_other_checkpoints(run_dir, ckpt_path)}",
+                                     e.member) from None
     if ckpt.model_config is None or ckpt.train_config is None or ckpt.category_map is None:
         raise CheckpointError(f"{ckpt.path}: lacks the run's configuration, so it cannot be "
                               "resumed (is it a converted or weights-only checkpoint?)")
@@ -463,8 +663,12 @@ def resume_training(run_dir, *, epochs=None, data: DataPaths | None = None, devi
     category_map = CategoryMap.from_dict(ckpt.category_map)
     trainer = Trainer(model_cfg, train_cfg, data, run_dir, device=device,
                       category_map=category_map, progress=progress, log=log,
-                      debug_transfers=debug_transfers)
+                      debug_transfers=debug_transfers, check_images=check_images)
     trainer.restore(ckpt)
+    if ckpt_path.name != "last.npz":     # keep last.npz as last.prev.npz only if readable
+        last = run_dir / "last.npz"
+        trainer.keep_previous_last = last.is_file() and _describe_checkpoint(last) is not None
+        trainer.saved_at = None          # last.npz is not the checkpoint the run came from
     write_metrics(run_dir, trainer.history)           # drop epochs after the checkpoint
     if trainer.epoch >= train_cfg.epochs:
         log(f"{run_dir} already finished its {train_cfg.epochs} epochs (pass a larger --epochs "

@@ -313,5 +313,6 @@ def load_model_state(model, ckpt: Checkpoint, model_config: dict | None = None):
     model.load_state_dict(ckpt.model_state, strict=True)
 
 
-__all__ = ["Checkpoint", "CheckpointError", "CorruptCheckpointError", "save_checkpoint", "load_checkpoint",
+__all__ = ["Checkpoint", "CheckpointError", "CorruptCheckpointError", "save_checkpoint",
+           "load_checkpoint",
            "check_model_state", "load_model_state", "FORMAT"]

@@ -128,9 +128,13 @@ def test_a_run_stops_on_a_non_finite_loss_and_keeps_the_last_good_checkpoint(
                      shapes_paths, run, progress=False, log=_quiet)
     message = str(err.value)
     assert "epoch 2, step 2/3" in message and "loss_giou_0 = nan" in message
-    assert "last.npz (after epoch 1, step 0) is kept" in message
+    # the failure saved the last completed step (epoch 2, step 1) and says so
+    assert err.value.__notes__ == [f"Saved {run / 'last.npz'} (epoch 2, 1 of 3 steps done) "
+                                   "before stopping; continue the run with `python -m minidetr "
+                                   f"train --resume {run}` once the cause is fixed."]
     ckpt = load_checkpoint(run / "last.npz")
-    assert (ckpt.progress["epoch"], ckpt.progress["step"]) == (1, 0)
+    assert (ckpt.progress["epoch"], ckpt.progress["step"]) == (1, 1)
+    assert load_checkpoint(run / "last.prev.npz").progress["epoch"] == 1   # epoch 1 kept
     assert all(np.isfinite(a).all() for a in ckpt.model_state.values())
 
 
