@@ -353,6 +353,27 @@ assert_allclose(total.item(), 2 * focal.sum() / T + 5 * l1_pairs.sum() / T
                 + 2 * (1 - giou_pairs).sum() / T, 1e-5, 1e-6, what="weighted total")
 
 # %% [markdown]
+# ## Exercises
+#
+# Solutions, each a function that asserts its answer:
+# [solutions/10_matching_and_losses.py](solutions/10_matching_and_losses.py).
+#
+# 1. **Derive, then check.** Writing $\mathrm{GIoU} = I/U + U/|C| - 1$ with
+#    $U = |A| + |B| - I$, derive $\partial\,\mathrm{GIoU}/\partial I$,
+#    $\partial\,\mathrm{GIoU}/\partial |A|$ and $\partial\,\mathrm{GIoU}/\partial |C|$ (the outline
+#    of [matching-and-losses.md](../docs/matching-and-losses.md)). Where does the $+1/|C|$ in
+#    $\partial/\partial |A|$ come from? Check all three by finite differences, then gradcheck
+#    $1 - \mathrm{GIoU}$ of cxcywh boxes in float64.
+# 2. **Predict.** Add a different constant to every *column* (target) of a cost matrix: does the
+#    Hungarian assignment change? And a constant on the *row* of a matched prediction? Check
+#    with `match_single` and by brute force over all assignments.
+# 3. **Break something.** Replace the focal loss by plain binary cross-entropy ($\gamma = 0$,
+#    no $\alpha$). Early in training (20 queries $\times$ 5 classes, 2 objects at $p = 0.3$,
+#    every other logit at $p = 0.05$), what share of each loss comes from the negatives?
+# 4. **Implement.** Show that matching a batch gives the same pairs as matching each image on
+#    its own, with an image without any target in the batch (DETR's own test).
+
+# %% [markdown]
 # ## Checks
 
 # %%
