@@ -293,8 +293,8 @@ def _cmd_eval(args):
     if args.data:
         ann_file, image_dir = _eval_split(args.data)
     elif m.checkpoint.extra and "data" in m.checkpoint.extra:
-        ann_file, image_dir = locate_data(m.checkpoint.extra, Path(m.checkpoint.path).parent,
-                                          "val")
+        found = locate_data(m.checkpoint.extra, Path(m.checkpoint.path).parent, "val")
+        ann_file, image_dir = found.val_annotations, found.val_images
     else:
         raise UsageError(f"{m.checkpoint.path} does not record its validation data; pass "
                          "--data")
@@ -328,10 +328,7 @@ def _cmd_eval(args):
     if any(metrics.get(name) == -1 for name in METRIC_NAMES):
         print(f"  ({MINUS_ONE_NOTE})")
     logged = _logged_ap(m.checkpoint)
-    if logged is not None and (as_in_training or
-                               Path(ann_file).resolve() == Path(locate_data(
-                                   m.checkpoint.extra or {}, Path(m.checkpoint.path).parent,
-                                   "val", missing_ok=True)[0] or "").resolve()):
+    if logged is not None and as_in_training:
         epoch, ap = logged
         same = abs(ap - metrics["AP"]) <= 1e-6
         print(f"AP logged by training after epoch {epoch}: {ap:.4f} "
@@ -519,10 +516,15 @@ def _recipe_help(field):
     """``(default: 5e-4 for tiny, 2e-4 for small and paper)``: a recipe field's defaults."""
     from .training.config import RECIPES
 
+    def number(v):
+        return f"{v:.0e}".replace("e-0", "e-") if 0 < abs(v) < 0.01 else f"{v:g}"
+
     by_value = {}
     for preset, values in RECIPES.items():
         by_value.setdefault(values[field], []).append(preset)
-    return "(default: " + ", ".join(f"{value:g} for {' and '.join(presets)}"
+    if len(by_value) == 1:
+        return f"(default {number(next(iter(by_value)))})"
+    return "(default: " + ", ".join(f"{number(value)} for {' and '.join(presets)}"
                                    for value, presets in by_value.items()) + ")"
 
 

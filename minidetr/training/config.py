@@ -3,13 +3,16 @@
 
 The defaults of :class:`TrainConfig` are the official recipe (``main.py``): AdamW with lr
 2e-4 (backbone 2e-5, sampling offsets and reference points x 0.1), weight decay 1e-4,
-gradient clipping at norm 0.1, 50 epochs with the learning rate divided by 10 after 40,
-batch 2, the ``paper`` augmentation. See docs/training.md for what each setting does.
+gradient clipping at norm 0.1 (DETR's setting, which the official code keeps as its
+default; the paper's §5 does not mention clipping), 50 epochs with the learning rate
+divided by 10 after 40, batch 2, the ``paper`` augmentation. See docs/training.md for what each setting does.
 """
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 from ..data import CategoryMap
 
@@ -93,6 +96,29 @@ class TrainConfig:
         return cls(**{k: v for k, v in d.items() if k in known})
 
 
+# The training recipe each model preset brings (``train --config``): the TrainConfig fields
+# that differ between them. ``paper`` and ``small`` keep the official recipe (they are
+# meant to start from ImageNet weights, on a GPU); ``tiny`` is trained from scratch on a
+# CPU, where the demo found a higher learning rate for every group (the backbone too, it
+# has no pretrained weights to protect) and batches of 8 to work better (docs/training.md).
+RECIPES = {
+    "paper": dict(epochs=50, lr=2e-4, lr_backbone=2e-5, lr_drop=40, batch_size=2,
+                  weight_decay=1e-4, clip_max_norm=0.1),
+    "small": dict(epochs=50, lr=2e-4, lr_backbone=2e-5, lr_drop=40, batch_size=2,
+                  weight_decay=1e-4, clip_max_norm=0.1),
+    "tiny": dict(epochs=50, lr=5e-4, lr_backbone=5e-4, lr_drop=40, batch_size=8,
+                 weight_decay=1e-4, clip_max_norm=0.1),
+}
+
+
+def recipe(preset: str) -> dict:
+    """The TrainConfig fields of model preset ``preset``'s recipe (see :data:`RECIPES`)."""
+    if preset not in RECIPES:
+        raise ValueError(f"no training recipe for preset {preset!r}; choose one of "
+                         f"{sorted(RECIPES)}")
+    return dict(RECIPES[preset])
+
+
 @dataclass(frozen=True)
 class DataPaths:
     """The COCO annotation files and image folders of the training and validation splits."""
@@ -113,7 +139,57 @@ class DataPaths:
 
     @classmethod
     def from_dict(cls, d) -> "DataPaths":
-        return cls(**d)
+        return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls)})
+
+    def absolute(self) -> "DataPaths":
+        """The same paths made absolute (a run must not depend on where it was started)."""
+        return DataPaths(*(str(Path(p).resolve()) for p in dataclasses.astuple(self)))
+
+    def relative_to(self, folder) -> dict:
+        """The paths relative to ``folder`` (a run folder), as a dict: they still lead to the
+        data when the run folder and the data move together."""
+        return {name: os.path.relpath(Path(p).resolve(), Path(folder).resolve())
+                for name, p in self.to_dict().items()}
 
 
-__all__ = ["TrainConfig", "DataPaths"]
+def data_record(data: DataPaths, run_dir) -> dict:
+    """What a run stores about its data (``run.json`` and every checkpoint's ``extra``):
+    ``data`` (absolute paths) and ``data_relative_to_run`` (from the run folder)."""
+    return {"data": data.absolute().to_dict(), "data_relative_to_run": data.relative_to(run_dir)}
+
+
+def locate_data(record, run_dir, split=None, missing_ok=False):
+    """The :class:`DataPaths` a run recorded (see :func:`data_record`), found again.
+
+    Tried in turn: the stored paths (absolute; relative to the current folder for runs
+    made before absolute paths were stored), then the paths relative to ``run_dir``.
+    ``split`` "val" or "train" needs only that split's two paths to exist.
+
+    Raises:
+        RunError: none of them exists (the data moved), with the paths and the options
+            that point the run at the new place; ``missing_ok`` returns None instead.
+    """
+    from .run_dir import RunError
+
+    names = [f.name for f in dataclasses.fields(DataPaths)
+             if split is None or f.name.startswith(split)]
+    candidates = [DataPaths.from_dict(record["data"])]
+    relative = record.get("data_relative_to_run")
+    if relative:
+        candidates.append(DataPaths.from_dict(
+            {k: os.path.normpath(Path(run_dir) / v) for k, v in relative.items()}))
+    for paths in candidates:
+        if all(Path(getattr(paths, n)).exists() for n in names):
+            return paths
+    if missing_ok:
+        return None
+    missing = [getattr(candidates[0], n) for n in names
+               if not Path(getattr(candidates[0], n)).exists()]
+    raise RunError(f"the data of the run in {run_dir} is not where it was: {', '.join(missing)} "
+                   "not found" + (" (nor relative to the run folder)" if relative else "")
+                   + "; if it moved, give its new place: `eval RUN --data ANN_JSON IMAGE_DIR`, "
+                   "or `train --resume RUN --data ANN_JSON IMAGE_DIR --val-data ANN_JSON "
+                   "IMAGE_DIR`")
+
+
+__all__ = ["TrainConfig", "DataPaths", "RECIPES", "recipe", "data_record", "locate_data"]

@@ -328,7 +328,7 @@ def train_one_epoch(model, criterion, optimizer, batches, *, epoch, num_steps,
 # --------------------------------------------------------------------------- evaluation
 def evaluate(model, criterion, postprocess, batches, coco_gt, category_map, *,
              num_steps=None, device="cpu", should_stop=None, progress=True,
-             verbose=False) -> dict:
+             verbose=False, evaluator=None) -> dict:
     """Validation losses and COCO box AP over ``batches`` (the official ``evaluate``).
 
     Args:
@@ -337,6 +337,8 @@ def evaluate(model, criterion, postprocess, batches, coco_gt, category_map, *,
         num_steps: for the progress bar.
         should_stop: checked after every batch; True aborts (returns None).
         verbose: print COCOeval's table.
+        evaluator: a fresh :class:`CocoEvaluator` to fill (its ``results`` are then the
+            detections in COCO's format); default: a new one.
 
     Returns:
         {"loss": ..., every loss term, "AP", "AP50", "AP75", "APs", "APm", "APl"}, or None
@@ -344,7 +346,8 @@ def evaluate(model, criterion, postprocess, batches, coco_gt, category_map, *,
     """
     model.eval()
     averages = RunningAverages()
-    evaluator = CocoEvaluator(coco_gt, category_map)
+    if evaluator is None:
+        evaluator = CocoEvaluator(coco_gt, category_map)
     bar = tqdm(batches, total=num_steps, desc="evaluate", disable=not progress, leave=False,
                dynamic_ncols=True)
     try:

@@ -29,17 +29,22 @@ import contextlib
 import copy
 import io
 
-import numpy as np
-
 from ..backend import to_numpy
+from ..files import write_json
+from ..inference import coco_results, xyxy_to_xywh
 
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
+# What a printed -1 means (COCOeval's convention), for the tables the commands print.
+MINUS_ONE_NOTE = ("-1: no ground-truth object of that size in the evaluated images (e.g. APl "
+                  "on small images: large means an area of at least 96^2 pixels)")
 
-def xyxy_to_xywh(boxes):
-    """(T, 4) corners -> COCO (x, y, width, height)."""
-    boxes = np.asarray(boxes, dtype=np.float64)
-    return np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], axis=1)
+
+def write_coco_results(path, results) -> str:
+    """Write a list of COCO results dicts as JSON (atomically): the file that
+    ``pycocotools.coco.COCO.loadRes`` reads and the COCO evaluation server takes."""
+    write_json(path, list(results))
+    return str(path)
 
 
 class CocoEvaluator:
@@ -77,13 +82,9 @@ class CocoEvaluator:
                 raise ValueError(f"CocoEvaluator.update: image id {image_id} is not in the "
                                  "ground truth")
             self.image_ids.append(image_id)
-            scores = to_numpy(det["scores"]).astype(np.float64)           # (k,)
-            labels = to_numpy(det["labels"]).astype(np.int64)             # (k,)
-            boxes = xyxy_to_xywh(to_numpy(det["boxes"]))                  # (k, 4)
-            category_ids = self.category_map.category_of(labels)          # (k,)
-            for score, cid, box in zip(scores, category_ids, boxes):
-                self.results.append({"image_id": image_id, "category_id": int(cid),
-                                     "bbox": [float(v) for v in box], "score": float(score)})
+            self.results.extend(coco_results(image_id, to_numpy(det["scores"]),
+                                             to_numpy(det["labels"]), to_numpy(det["boxes"]),
+                                             self.category_map))
 
     def summarize(self, verbose: bool = False) -> dict:
         """Run COCOeval on everything added; return {"AP", "AP50", ..., "APl"} as floats.
@@ -115,4 +116,5 @@ class CocoEvaluator:
         return {name: float(v) for name, v in zip(METRIC_NAMES, coco_eval.stats[:6])}
 
 
-__all__ = ["CocoEvaluator", "METRIC_NAMES", "xyxy_to_xywh"]
+__all__ = ["CocoEvaluator", "METRIC_NAMES", "MINUS_ONE_NOTE", "xyxy_to_xywh",
+           "write_coco_results"]
