@@ -556,8 +556,11 @@ class CocoDetection:
         path = self.image_dir / file_name
         image = load_rgb_image(path, image_id)
         if (image.height, image.width) != (height, width):
+            with Image.open(path) as stored:           # was it the EXIF tag? say so
+                raw_hw, orientation = (stored.height, stored.width), exif_orientation(stored)
             raise DatasetError(size_mismatch_message(path, image_id, (image.height, image.width),
-                                                     (height, width), self.ann_file))
+                                                     (height, width), self.ann_file, raw_hw,
+                                                     orientation))
         size = np.array([height, width], dtype=np.int64)
         target = {"image_id": image_id, "boxes": boxes.copy(), "labels": labels.copy(),
                   "orig_size": size, "size": size.copy()}
