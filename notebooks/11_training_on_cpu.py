@@ -27,7 +27,9 @@
 #
 # minimised with Adam(W) at a learning rate of $2 \cdot 10^{-4}$ ($\times 0.1$ for the
 # linear layers that predict sampling offsets and reference points), weight decay
-# $10^{-4}$, gradient clipping at 0.1, for 50 epochs with the rate divided by 10 after 40.
+# $10^{-4}$, for 50 epochs with the rate divided by 10 after 40. The official code also
+# clips the gradient's total norm at 0.1; the paper does not say so: it is DETR's setting,
+# kept as the default of the official `main.py`.
 # Results are COCO box AP on the validation set. This notebook runs that loop, the code of
 # `python -m minidetr train`, on the CPU:
 #
@@ -126,7 +128,7 @@ plt.show()
 # paper's where a model trained from scratch on a CPU needs it
 # ([training.md §7](../docs/training.md#7-the-demo)):
 #
-# | setting | paper | here |
+# | setting | paper (clipping: official code) | here |
 # |---|---|---|
 # | learning rate (main, backbone) | $2 \cdot 10^{-4}$, $2 \cdot 10^{-5}$ | $5 \cdot 10^{-4}$, $5 \cdot 10^{-4}$ |
 # | offsets and reference points | $\times 0.1$ | $\times 0.1$ |
@@ -310,6 +312,25 @@ print(f"image {target['image_id']}: ground truth "
 for score, label, box in zip(*(detections_first[k][:5] for k in ("scores", "labels", "boxes"))):
     print(f"  {val_set.category_map.name_of(label):<9} {score:.2f}  box (x0, y0, x1, y1) = "
           f"{np.array2string(box, precision=1)}")
+
+# %% [markdown]
+# ## Exercises
+#
+# Solutions, each a function that asserts its answer:
+# [solutions/11_training_on_cpu.py](solutions/11_training_on_cpu.py).
+#
+# 1. **Predict.** Which tensors of the `tiny` model land in the `linear_proj` group (learning
+#    rate $\times 0.1$), and how many numbers do they hold? Write it in terms of $C$, $M$, $L$,
+#    $K$ and the numbers of layers, then compare with `build_param_groups`.
+# 2. **Measure, then predict.** Run one `train_step` of an untrained model: what is the
+#    gradient's norm before and after clipping at 0.1? Now predict how much clipping changes
+#    AdamW's *first* update (hint: what does Adam do with a gradient multiplied by a
+#    constant?). When does clipping matter, then?
+# 3. **Predict.** Write down the three groups' learning rates for each of this notebook's
+#    8 epochs (drop after 6), then step a `StepLR` through them.
+# 4. **Break something, on purpose.** Train one step twice with the same seeds and once with
+#    another model seed. Which parameters are bit-identical? (Reproducibility is what makes
+#    every number in these notebooks checkable.)
 
 # %% [markdown]
 # ## Checks
