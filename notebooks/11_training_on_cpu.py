@@ -328,7 +328,7 @@ for score, label, box in zip(*(detections_first[k][:5] for k in ("scores", "labe
 #    constant?). When does clipping matter, then?
 # 3. **Predict.** Write down the three groups' learning rates for each of this notebook's
 #    8 epochs (drop after 6), then step a `StepLR` through them.
-# 4. **Break something, on purpose.** Train one step twice with the same seeds and once with
+# 4. **Measure.** Train one step twice with the same seeds and once with
 #    another model seed. Which parameters are bit-identical? (Reproducibility is what makes
 #    every number in these notebooks checkable.)
 
