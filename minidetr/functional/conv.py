@@ -93,7 +93,7 @@ def im2col(x, kernel, stride, padding, dilation):
         for j in range(kw):
             ys, xs = _tap(i, dh, sh, H_out), _tap(j, dw, sw, W_out)
             cols[:, :, i, j] = x_pad[:, :, ys, xs]                     # (N, C, H_out, W_out)
-    return cols.reshape(N, C * kh * kw, H_out * W_out)                 # (N, C*kh*kw, L)
+    return cols.reshape(N, C * kh * kw, H_out * W_out)                 # (N, C*kh*kw, P) P = H_out*W_out
 
 
 def col2im(cols, x_shape, kernel, stride, padding, dilation):
@@ -143,8 +143,8 @@ class Conv2d(Function):
         N = x.shape[0]
         C_out, _, kh, kw = weight.shape
         geometry = ((kh, kw), stride, padding, dilation)
-        cols = im2col(x, *geometry)                                    # (N, C_in*kh*kw, L)
-        out = weight.reshape(C_out, -1) @ cols                         # (N, C_out, L)
+        cols = im2col(x, *geometry)                                    # (N, C_in*kh*kw, P)
+        out = weight.reshape(C_out, -1) @ cols                         # (N, C_out, P)
         if bias is not None:
             out += bias[:, None]
         ctx.save_for_backward(x, weight)
@@ -158,13 +158,13 @@ class Conv2d(Function):
         x, weight = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         N, C_out = grad.shape[:2]
-        g = grad.reshape(N, C_out, -1)                                 # (N, C_out, L)
+        g = grad.reshape(N, C_out, -1)                                 # (N, C_out, P)
         grad_x = grad_w = grad_b = None
         if need_x:
-            grad_cols = weight.reshape(C_out, -1).T @ g                # (N, C_in*kh*kw, L)
+            grad_cols = weight.reshape(C_out, -1).T @ g                # (N, C_in*kh*kw, P)
             grad_x = col2im(grad_cols, x.shape, *ctx.geometry)         # (N, C_in, H, W)
         if need_w:
-            cols = im2col(x, *ctx.geometry)                            # (N, C_in*kh*kw, L)
+            cols = im2col(x, *ctx.geometry)                            # (N, C_in*kh*kw, P)
             grad_w = (g @ cols.transpose(0, 2, 1)).sum(axis=0)         # (C_out, C_in*kh*kw)
             grad_w = grad_w.reshape(weight.shape)                      # (C_out, C_in, kh, kw)
         if need_b:
