@@ -31,14 +31,20 @@ def new_figure(width, height):
 
 
 def save_figure(fig, path, tight=True):
-    """Save ``fig`` as a PNG at ``path``, atomically (folders made); return the path.
+    """Save ``fig`` at ``path``, atomically (folders made); return the path.
 
-    ``tight`` first lays the axes out with ``tight_layout``.
+    The format follows the suffix: ``.jpg``/``.jpeg`` JPEG (quality 90, about a tenth of
+    the PNG's size for a photo), anything else PNG. ``tight`` first lays the axes out with
+    ``tight_layout``.
     """
     if tight:
         fig.tight_layout()
+    jpeg = Path(path).suffix.lower() in (".jpg", ".jpeg")
     with atomic_write(path) as f:
-        fig.savefig(f, format="png", dpi=100)
+        if jpeg:
+            fig.savefig(f, format="jpg", dpi=100, pil_kwargs={"quality": 90})
+        else:
+            fig.savefig(f, format="png", dpi=100)
     return Path(path)
 
 
@@ -79,25 +85,45 @@ def plot_losses(history, path, terms=LOSS_TERMS):
 
 
 def plot_ap(history, path, curves=AP_CURVES):
-    """COCO AP (and AP50, AP75, by size) on the validation set over epochs; returns path."""
-    fig = new_figure(6.0, 4.0)
+    """COCO AP (and AP50, AP75, by size) on the validation set over epochs; returns path.
+
+    The y axis runs from 0 to a little above the highest value drawn (so curves that stay
+    below 0.1, as early in a real-data run, are readable), the legend sits outside the
+    axes, and a metric that is -1 at every epoch (no object of that size in the validation
+    images, e.g. APl on small images) is listed as such instead of drawn.
+    """
+    fig = new_figure(7.2, 4.0)
     ax = fig.subplots()
+    top, absent = 0.0, []
     for name in curves:
         epochs, values = _series(history, name)
         if len(epochs):
             ax.plot(epochs, values, marker="o", markersize=3, label=name)
-    ax.set_ylim(0, 1)
+            top = max(top, float(values.max()))
+        elif any(h.get(name) == -1 for h in history):
+            absent.append(name)
+    ax.set_ylim(0, min(1.0, max(top * 1.15, 0.01)))
     _epoch_axis(ax)
     ax.set_ylabel("COCO average precision")
     ax.set_title("validation AP")
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
+    if ax.lines:
+        ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
+    if absent:
+        ax.text(1.02, 0.0, "\n".join(f"{name} = -1:" for name in absent)
+                + "\nno object of\nthat size in\nthe images", transform=ax.transAxes,
+                fontsize=7, va="bottom", ha="left")
     return save_figure(fig, path)
 
 
 def draw_detections(image, detections, class_names, path, score_threshold=0.5,
                     ground_truth=None, title=None):
-    """Draw boxes with class names and scores on an image and save it as PNG; returns path.
+    """Draw boxes with class names and scores on an image and save it; returns path.
+
+    The format follows the suffix of ``path`` (``.jpg`` or ``.png``, see
+    :func:`save_figure`). Boxes are clipped to the image (the official post-processing
+    does not clip; the numbers printed and evaluated are not changed by this), and every
+    label stays inside the image: above its box when there is room, inside it otherwise.
 
     Args:
         image: a PIL image or an (H, W, 3) uint8 array (the original image).
@@ -125,15 +151,21 @@ def draw_detections(image, detections, class_names, path, score_threshold=0.5,
                                    linestyle="--", linewidth=1.0))
     scores = np.asarray(detections["scores"])
     keep = np.flatnonzero(scores >= score_threshold)
+    text_h = 13 / scale                               # a label's height in image pixels
+    char_w = 5.5 / scale                              # ... and its width per character
     for i in keep[np.argsort(scores[keep])]:          # best drawn last (on top)
         label = int(detections["labels"][i])
-        x0, y0, x1, y1 = (float(v) for v in detections["boxes"][i])
+        x0, y0, x1, y1 = np.clip(np.asarray(detections["boxes"][i], dtype=np.float64),
+                                 0, [w, h, w, h])     # clipped to the image
         colour = colours[label % len(colours)]
         ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor=colour,
                                linewidth=2.0))
-        ax.text(x0, y0, f"{name_of(label)} {scores[i]:.2f}", color="black", fontsize=8,
-                va="bottom", bbox={"facecolor": colour, "alpha": 0.8, "pad": 1,
-                                   "edgecolor": "none"})
+        text = f"{name_of(label)} {scores[i]:.2f}"
+        above = y0 >= text_h                          # room above the box?
+        tx = min(x0, max(0.0, w - len(text) * char_w))   # not past the right edge
+        ax.text(tx, y0 if above else min(y0, h - text_h), text, color="black", fontsize=8,
+                va="bottom" if above else "top", clip_on=True,
+                bbox={"facecolor": colour, "alpha": 0.8, "pad": 1, "edgecolor": "none"})
     if title:
         fig.suptitle(title, fontsize=9)
     return save_figure(fig, path, tight=False)

@@ -70,13 +70,13 @@ from ..optim import AdamW, StepLR
 from ..weights.checkpoint import (Checkpoint, CheckpointError, CorruptCheckpointError,
                                   load_checkpoint, load_model_state, save_checkpoint)
 from ..weights.pretrained import load_pretrained
-from .config import DataPaths, TrainConfig
+from .config import DataPaths, TrainConfig, data_record, locate_data
 from .engine import (RunningAverages, StepOutOfMemoryError, build_param_groups, evaluate,
                      train_one_epoch)
 from .evaluation import METRIC_NAMES
 from .plots import draw_detections, plot_ap, plot_losses
 from .run_dir import (CHECKPOINT_FILES, RunError, existing_run_files, prepare_run_dir,
-                      write_metrics, write_run_json)
+                      write_final_metrics, write_metrics, write_run_json)
 
 # --------------------------------------------------------------------------- data
 def build_datasets(data: DataPaths, cfg: TrainConfig, category_map=None):
@@ -256,7 +256,7 @@ class Trainer:
                  "dropout": self.model.rng_state() if rng_state is None else rng_state},
             model_config=self.model_cfg.to_dict(), train_config=self.cfg.to_dict(),
             category_map=self.category_map.to_dict(),
-            extra={"data": self.data.to_dict(), "minidetr_version": __version__})
+            extra={**data_record(self.data, self.run_dir), "minidetr_version": __version__})
 
     def restore(self, ckpt: Checkpoint):
         """Load weights, optimiser, schedule, progress and RNG states from ``ckpt``."""
@@ -520,6 +520,7 @@ def run_training(model_cfg: ModelConfig, train_cfg: TrainConfig, data: DataPaths
     """
     device = resolve_device(device)
     run_dir = Path(out_dir)
+    data = data.absolute()                   # the run must not depend on the current folder
     trainer = Trainer(model_cfg, train_cfg, data, run_dir, device=device,
                       progress=progress, log=log, debug_transfers=debug_transfers,
                       check_images=check_images)
@@ -532,7 +533,7 @@ def run_training(model_cfg: ModelConfig, train_cfg: TrainConfig, data: DataPaths
     prepare_run_dir(run_dir, overwrite)
     write_run_json(run_dir, {
         "model_config": model_cfg.to_dict(), "train_config": train_cfg.to_dict(),
-        "data": data.to_dict(), "category_map": trainer.category_map.to_dict(),
+        **data_record(data, run_dir), "category_map": trainer.category_map.to_dict(),
         "device": device, "minidetr_version": __version__})
     write_metrics(run_dir, [])
     log(f"run folder {run_dir}: {model_cfg.backbone} backbone, d_model {model_cfg.d_model}, "
@@ -541,7 +542,30 @@ def run_training(model_cfg: ModelConfig, train_cfg: TrainConfig, data: DataPaths
         f"{train_cfg.epochs} epochs of {len(trainer.train_loader)} steps on {device}")
     log(f"seeds: model initialisation and dropout {model_cfg.seed}, data order and "
         f"augmentation {train_cfg.seed}")
-    return trainer.fit(on_step)
+    return _finish(trainer.fit(on_step), run_dir)
+
+
+def _finish(result, run_dir):
+    """``final_metrics.json`` of a run that ended with an evaluation (as ``demo`` writes)."""
+    if result.final_metrics and not result.interrupted:
+        write_final_metrics(run_dir, {k: result.final_metrics[k] for k in METRIC_NAMES
+                                      if k in result.final_metrics})
+    return result
+
+
+def _update_run_json(run_dir, train_cfg, data, epoch, device):
+    """``run.json`` after a resume: the configuration now in force (epochs, time limit),
+    where the data is now, and one entry per resume (from which epoch, on which device)."""
+    path = Path(run_dir) / "run.json"
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        info = {}
+    info.update({"train_config": train_cfg.to_dict(), **data_record(data, run_dir)})
+    info["resumed"] = list(info.get("resumed") or []) + [
+        {"from_epoch": int(epoch), "epochs": train_cfg.epochs, "device": device,
+         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "minidetr_version": __version__}]
+    write_run_json(run_dir, info)
 
 
 def _describe_checkpoint(path) -> str | None:
@@ -659,7 +683,7 @@ def resume_training(run_dir, *, epochs=None, data: DataPaths | None = None, devi
         train_cfg = train_cfg.replace(epochs=int(epochs))
     if time_limit != "keep":
         train_cfg = train_cfg.replace(time_limit=time_limit)
-    data = data if data is not None else DataPaths.from_dict(ckpt.extra["data"])
+    data = (data if data is not None else locate_data(ckpt.extra, run_dir)).absolute()
     category_map = CategoryMap.from_dict(ckpt.category_map)
     trainer = Trainer(model_cfg, train_cfg, data, run_dir, device=device,
                       category_map=category_map, progress=progress, log=log,
@@ -670,14 +694,14 @@ def resume_training(run_dir, *, epochs=None, data: DataPaths | None = None, devi
         trainer.keep_previous_last = last.is_file() and _describe_checkpoint(last) is not None
         trainer.saved_at = None          # last.npz is not the checkpoint the run came from
     write_metrics(run_dir, trainer.history)           # drop epochs after the checkpoint
+    _update_run_json(run_dir, train_cfg, data, trainer.epoch, device)
     if trainer.epoch >= train_cfg.epochs:
         log(f"{run_dir} already finished its {train_cfg.epochs} epochs (pass a larger --epochs "
             "to train longer)")
     else:
         log(f"resuming {run_dir} at epoch {trainer.epoch + 1}, step {trainer.step + 1} of "
             f"{len(trainer.train_loader)}, on {device}")
-    result = trainer.fit(on_step)
-    return result
+    return _finish(trainer.fit(on_step), run_dir)
 
 
 __all__ = ["Trainer", "TrainResult", "RunError", "run_training", "resume_training",

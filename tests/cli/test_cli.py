@@ -84,17 +84,20 @@ def test_eval_on_the_demo_checkpoint(quick_demo, capsys):
     assert "--overwrite" in capsys.readouterr().err
 
 
-def test_predict_draws_pngs_and_prints_detections(quick_demo, capsys):
+def test_predict_draws_pictures_and_prints_detections(quick_demo, capsys):
     _, root = quick_demo
     images = sorted((root / "data" / "val").glob("*.jpg"))[:2]
     out = root / "pred"
     assert main(["predict", str(root / "run"), *map(str, images), "--out", str(out),
-                 "--threshold", "0.0"]) == 0
+                 "--threshold", "0.0", "--no-progress"]) == 0
     text = capsys.readouterr().out
     for image in images:
-        png = out / f"{image.stem}.png"
-        assert png.read_bytes()[:4] == b"\x89PNG"
+        jpg = out / f"{image.stem}.jpg"                   # JPEG by default
+        assert jpg.read_bytes()[:3] == b"\xff\xd8\xff", f"{jpg} is not a JPEG"
         assert f"{image}:" in text
+    assert main(["predict", str(root / "run"), str(images[0]), "--out", str(out),
+                 "--format", "png", "--no-progress"]) == 0
+    assert (out / f"{images[0].stem}.png").read_bytes()[:4] == b"\x89PNG"
     # threshold 0: every kept detection is printed with a class name of the shapes data
     assert any(name in text for name in ("circle", "square", "triangle", "cross", "star"))
     assert main(["predict", str(root / "run"), str(images[0]), "--out", str(out)]) == 2

@@ -523,7 +523,7 @@ def test_the_command_line_trains_resumes_evaluates_and_predicts_on_the_device(tm
     assert [h["epoch"] for h in history] == [1, 2]
     assert all(np.isfinite(h["train_loss"]) and np.isfinite(h["val_loss"]) for h in history)
     assert after_one_epoch > 0 and sum(launches.values()) > after_one_epoch
-    assert len(list((tmp_path / "png").glob("*.png"))) == 2
+    assert len(list((tmp_path / "png").glob("*.jpg"))) == 2
     ckpt = load_checkpoint(run / "last.npz")           # written from the device: host arrays
     assert all(type(v) is np.ndarray for v in ckpt.model_state.values())
     assert main(["eval", str(run), "--max-images", "2", "--device", "cpu",
