@@ -129,6 +129,15 @@ def _backbone_of(state, where):
         raise CheckpointError(f"{where}: {e}") from None
 
 
+# ModelConfig fields the shapes decide, and those an official checkpoint's args can add.
+_SHAPE_FIELDS = ("backbone", "tiny_channels", "d_model", "enc_layers", "dec_layers",
+                 "dim_feedforward", "num_feature_levels", "num_queries", "num_classes",
+                 "with_box_refine", "two_stage", "nheads", "n_points", "gn_groups")
+_SETTING_FIELDS = ("dropout", "dilation", "aux_loss", "set_cost_class", "set_cost_bbox",
+                   "set_cost_giou", "cls_loss_coef", "bbox_loss_coef", "giou_loss_coef",
+                   "focal_alpha", "mask_aware_norm")
+
+
 def infer_model_config(state, args=None, hf_config=None, variant=None, where="weights"):
     """The :class:`ModelConfig` whose model has the keys and shapes of ``state``.
 
@@ -158,16 +167,21 @@ def infer_model_config(state, args=None, hf_config=None, variant=None, where="we
     enc_layers = _count(state, "transformer.encoder.layers.")
     dec_layers = _count(state, "transformer.decoder.layers.")
     ffn = _shape(state, "transformer.encoder.layers.0.linear1.weight", where)[0]
-    num_classes = _shape(state, "class_embed.0.weight", where)[0]
+    heads = [k for k in ("class_embed.0.weight", "transformer.decoder.class_embed.0.weight")
+             if k in state]
+    num_classes = _shape(state, heads[0] if heads else "class_embed.0.weight", where)[0]
     mlk = _shape(state, "transformer.encoder.layers.0.self_attn.attention_weights.weight",
                  where)[0]                                                 # M * L * K
 
     nheads = args.get("nheads") or hf.get("encoder_attention_heads")
-    if not nheads:
-        same = [p for p in PRESETS.values() if p["d_model"] == d_model]
-        nheads = same[-1]["nheads"] if same else 8
-        notes.append(f"the number of heads is not in the file: assumed {nheads} (the preset "
-                     f"with d_model {d_model}); pass a file with its args/config.json if not")
+    if not nheads:                # the preset's heads for this d_model, else the most that fit
+        same = [p["nheads"] for p in PRESETS.values() if p["d_model"] == d_model]
+        nheads = next(m for m in same + [8, 4, 2, 1]
+                      if d_model % m == 0 and (mlk // levels) % m == 0)
+        notes.append(f"the number of heads is not in the file: assumed {nheads}, so "
+                     f"{mlk // levels // nheads} sampling points (only heads x points = "
+                     f"{mlk // levels} shows in the shapes); a file with its args or "
+                     "config.json says which")
     if mlk % (nheads * levels):
         raise CheckpointError(f"{where}: attention_weights has {mlk} rows, not a multiple of "
                               f"{nheads} heads x {levels} levels")
@@ -183,7 +197,11 @@ def infer_model_config(state, args=None, hf_config=None, variant=None, where="we
             num_queries = 300
             notes.append("two-stage proposals (num_queries) are not in the file: assumed "
                          "300, the official default")
-    fields = dict(backbone=backbone, d_model=d_model, nheads=int(nheads),
+    # minidetr's own settings of the tiny backbone come from its preset; a ResNet model
+    # has the official defaults (ModelConfig's)
+    base = {k: v for k, v in PRESETS["tiny"].items() if k not in _SHAPE_FIELDS} \
+        if backbone == "tiny" else {}
+    fields = dict(base, backbone=backbone, d_model=d_model, nheads=int(nheads),
                   enc_layers=enc_layers, dec_layers=dec_layers, dim_feedforward=ffn,
                   num_feature_levels=levels, n_points=n_points, num_queries=int(num_queries),
                   num_classes=num_classes, **VARIANTS[variant])
@@ -194,10 +212,8 @@ def infer_model_config(state, args=None, hf_config=None, variant=None, where="we
         raise CheckpointError(f"{where}: d_model {d_model} is not a multiple of {gn} GroupNorm "
                               "groups; record gn_groups in the checkpoint's args")
     fields["gn_groups"] = int(gn)
-    for name in ("dropout", "dilation", "aux_loss", "set_cost_class", "set_cost_bbox",
-                 "set_cost_giou", "cls_loss_coef", "bbox_loss_coef", "giou_loss_coef",
-                 "focal_alpha"):
-        if args.get(name) is not None:
+    for name in _SETTING_FIELDS:           # what the shapes cannot tell, from the args
+        if args.get(name) is not None and hasattr(ModelConfig, name):
             fields[name] = type(getattr(ModelConfig, name))(args[name])
     if hf.get("dilation") is not None and "dilation" not in fields:
         fields["dilation"] = bool(hf["dilation"])
@@ -227,6 +243,26 @@ def fill_aliases(model, state):
                 if key not in state:
                     state[key] = state[present[0]]
                     added.append(key)
+    return added
+
+
+def _untie_transformers_heads(model, state):
+    """transformers' ``DeformableDetrForObjectDetection`` ties ``class_embed.i`` and
+    ``bbox_embed.i`` (i > 0) to head 0 (its ``_tied_weights_keys``), and ``save_pretrained``
+    writes tied arrays once. Where the model has a head of which ``state`` holds neither
+    the name nor its decoder alias, it is head 0's: copy it (in place); return the keys."""
+    added = []
+    for key in model.state_dict():
+        m = re.fullmatch(r"(?:transformer\.decoder\.)?(class_embed|bbox_embed)\.(\d+)\.(.+)", key)
+        if not m or key in state or int(m[2]) == 0:
+            continue
+        head, rest = m[1], m[3]
+        if f"{head}.{m[2]}.{rest}" in state or f"transformer.decoder.{head}.{m[2]}.{rest}" in state:
+            continue
+        first = state.get(f"{head}.0.{rest}", state.get(f"transformer.decoder.{head}.0.{rest}"))
+        if first is not None:
+            state[key] = first
+            added.append(key)
     return added
 
 
@@ -270,6 +306,11 @@ def convert_detector(source, variant=None, config=None):
                                   + "; ".join(differs))
     model = build_model(cfg)
     restored = fill_aliases(model, state)
+    untied = _untie_transformers_heads(model, state) if layout == "transformers" else []
+    if untied:
+        restored += fill_aliases(model, state)
+        notes.append(f"transformers ties every prediction head to head 0 and writes it once: "
+                     f"{len(untied)} arrays of heads 1.. copied from head 0 ({untied[0]}, ...)")
     check_model_state(model, state, f"weights in {where}", model_config=cfg.to_dict())
     state = _ordered(model, state)
     report = ConversionReport(where, src.format, layout + naming, "detector", cfg, len(state),
