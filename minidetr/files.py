@@ -159,10 +159,13 @@ def keep_previous(path, previous, what="file") -> bool:
     path, previous = Path(path), Path(previous)
     if not path.is_file():
         return False
+    if previous.is_file() and os.path.samefile(path, previous):
+        return True                           # already the same file (a hard link)
     link = previous.with_name(f".{previous.name}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         os.link(path, link)
         os.replace(link, previous)
+        _remove_quietly(link)    # rename() between two links of one file does nothing
     except OSError as e:
         _remove_quietly(link)
         if _is_write_error(e) and e.errno not in NO_PERMISSION:
