@@ -17,10 +17,11 @@ numpy and safetensors installed (minidetr itself is imported from this checkout)
   transpose, a slice with a storage offset, views sharing one storage, an expanded tensor,
   an ``nn.Parameter``, nested containers, strings, numbers, bytes, None.
 * ``edge-cases.safetensors``: the dtypes of safetensors (bfloat16 included), 0-d and empty.
-* ``expected.json``: for each object (both ``.pth`` formats of it) and the safetensors file, what ``torch.load(weights_only=True)`` (or
-  ``safetensors.torch.load_file``) gives, described by :func:`describe` (dtype, shape and
-  SHA-256 -- its first 80 bits -- of every array's bytes; every other value exactly). The tests compare minidetr's
-  readers with it, bit for bit.
+* ``expected.json``: for each object (both ``.pth`` formats of it) and the safetensors
+  file, what ``torch.load(weights_only=True)`` (or ``safetensors.torch.load_file``) gives,
+  described by :func:`describe` (dtype, shape and SHA-256 -- its first 80 bits -- of every
+  array's bytes; every other value exactly). The tests compare minidetr's readers with it,
+  bit for bit.
 """
 from __future__ import annotations
 

@@ -6,10 +6,10 @@ For each variant, the ``paper`` model's state dict (ResNet-50, 91 classes; alias
 sharing one storage, as in the official modules) is saved as an official checkpoint
 (``{'model', 'args'}``) with ``torch.save`` in the zip and the legacy format (~160 MB
 each). Each file is then read by :func:`minidetr.weights.pth.load_pth` in a fresh Python
-process that never imports torch -- reporting the time, the peak resident memory above the
-process's baseline (Linux: VmHWM, reset before the read) and tracemalloc's peak -- and compared with ``torch.load(weights_only=
-True)``: the same keys (561 / 597 / 630) and every array bit for bit. The files are deleted
-afterwards.
+process that never imports torch -- reporting the time, the peak resident memory above
+the process's baseline (Linux: VmHWM, reset before the read) and tracemalloc's peak -- and
+compared with ``torch.load(weights_only=True)``: the same keys (561 / 597 / 630) and every
+array bit for bit. The files are deleted afterwards.
 """
 from __future__ import annotations
 

@@ -427,8 +427,9 @@ def _find_global(module, name, source):
         raise PthError(f"{source}: holds {_UNSUPPORTED_TENSORS[name]} "
                        f"(torch._utils.{name}), which this reader does not support; load "
                        "it with torch and save dense tensors")
+    what = f"{module}.{name}"[:150]
     raise UnsafePickleError(
-        f"{source}: refused the global {module}.{name}. A weights file needs only tensors, "
+        f"{source}: refused the global {what}. A weights file needs only tensors, "
         "storages, dicts, lists, numbers and strings; this one asks for something else, and "
         "a pickle that names a global can run it. Nothing was run. If you trust the file, "
         "load it with torch, and save its state_dict again.")
@@ -444,8 +445,9 @@ class _Unpickler(pickle.Unpickler):
 
     def find_class(self, module, name):
         if self._storage_of is None:
-            raise UnsafePickleError(f"{self._source}: refused the global {module}.{name} "
-                                    "in a header of the file. Nothing was run.")
+            raise UnsafePickleError(f"{self._source}: refused the global "
+                                    f"{f'{module}.{name}'[:150]} in a header of the file. "
+                                    "Nothing was run.")
         return _find_global(module, name, self._source)
 
     def persistent_load(self, pid):
