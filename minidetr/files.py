@@ -97,7 +97,7 @@ def make_folder(path, what="folder") -> Path:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         if _is_write_error(e):
-            raise disk_write_error(e, path / ".", what) from None
+            raise disk_write_error(e, path, what) from None      # its parent refused
         raise
     return path
 

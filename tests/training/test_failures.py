@@ -441,3 +441,33 @@ def test_dropped_boxes_are_reported_once_per_split_without_python_warnings(
     assert lines.count(dropped) == 2, captured.out            # once for train, once for val
     assert any(line.startswith("val split (instances_train.json, the same file as the train "
                                "split): 4 images") for line in lines), captured.out
+
+
+def test_other_commands_print_a_dataset_warning_as_one_plain_line(data, capsys, straight):
+    ann = data / "annotations" / "instances_val.json"
+    coco = json.loads(ann.read_text())
+    coco["annotations"].append({**coco["annotations"][0], "id": 10_000, "bbox": [3, 3, 0, 5]})
+    ann.write_text(json.dumps(coco))
+    assert main(["eval", str(straight / "last.npz"), "--data", str(data),
+                 "--no-progress", "--device", "cpu", "--num-workers", "0"]) == 0
+    err = capsys.readouterr().err
+    assert err.splitlines() == [
+        f"warning: {ann}: 4 images (0 without objects), 11 annotations -> 10 objects; 0 crowd "
+        "regions removed; 1 boxes with zero or negative width/height dropped; 0 boxes clipped "
+        "to the image"], err
+
+
+def test_a_warning_raised_twice_in_one_command_is_printed_once(monkeypatch, capsys):
+    import warnings
+
+    import minidetr.cli as cli
+    from minidetr.data import DatasetWarning
+
+    def command(args):
+        for split in ("train", "val"):          # e.g. both splits read the same json
+            warnings.warn("ann.json: 1 boxes dropped", DatasetWarning, stacklevel=2)
+        warnings.warn("another one", UserWarning)
+    monkeypatch.setattr(cli, "_cmd_eval", command)
+    assert main(["eval", "x.npz"]) == 0
+    assert capsys.readouterr().err.splitlines() == ["warning: ann.json: 1 boxes dropped",
+                                                    "warning: another one"]
