@@ -240,7 +240,7 @@ def _recipe_of(args) -> dict:
     given = {name: getattr(args, name) for name in rec if getattr(args, name) is not None}
     rec.update(given)
     print(f"recipe of --config {args.config}: " + ", ".join(
-        f"{name.replace('_', '-')} {value:g}" + (" (given)" if name in given else "")
+        f"{name.replace('_', '-')} {_number(value)}" + (" (given)" if name in given else "")
         for name, value in rec.items()))
     return rec
 
@@ -354,9 +354,10 @@ def _image_ids(files, ann_file):
                    for im in load_coco_json(ann_file)["images"]}
         unknown = [f.name for f in files if f.name not in by_name]
         if unknown:
-            raise UsageError(f"--ann {ann_file}: {len(unknown)} images are not in it (e.g. "
-                             f"{unknown[0]}); predict only its images, or leave out --ann")
-        return {f: by_name[f.name] for f in files}, False
+            print(f"warning: {len(unknown)} images are not in --ann {ann_file} (e.g. "
+                  f"{unknown[0]}): they are drawn, but have no image id for --json",
+                  file=sys.stderr)
+        return {f: by_name[f.name] for f in files if f.name in by_name}, False
     if all(f.stem.isdigit() for f in files):
         return {f: int(f.stem) for f in files}, False
     return {f: i + 1 for i, f in enumerate(files)}, True
@@ -411,7 +412,7 @@ def _cmd_predict(args):
                     f"  {name} {score:.2f} [{', '.join(f'{v:.0f}' for v in box)}]"
                     for name, score, box in zip(found.names, found.scores, found.boxes)]
                 bar.write("\n".join(lines))
-                if args.json:
+                if args.json and path in image_ids:
                     extra = {"file_name": path.name} if numbered else {}
                     results.extend({**r, **extra} for r in found.to_coco(image_ids[path]))
                 done += 1
@@ -512,13 +513,16 @@ class _MarkGiven(argparse.Action):
         setattr(namespace, "out_given", True)
 
 
+def _number(v):
+    """5e-4, 0.1, 50: a recipe value as people write it."""
+    return f"{v:.0e}".replace("e-0", "e-") if 0 < abs(v) < 0.01 else f"{v:g}"
+
+
 def _recipe_help(field):
     """``(default: 5e-4 for tiny, 2e-4 for small and paper)``: a recipe field's defaults."""
     from .training.config import RECIPES
 
-    def number(v):
-        return f"{v:.0e}".replace("e-0", "e-") if 0 < abs(v) < 0.01 else f"{v:g}"
-
+    number = _number
     by_value = {}
     for preset, values in RECIPES.items():
         by_value.setdefault(values[field], []).append(preset)
@@ -542,7 +546,8 @@ def _common(parser, *, out_default=None, out=True, data=True, epochs=True, resum
     if data:
         parser.add_argument("--data", nargs="+", metavar="PATH",
                             help="a dataset folder (annotations/instances_{train,val}.json, "
-                                 "train/, val/) or ANN_JSON IMAGE_DIR")
+                                 "train/, val/) or ANN_JSON IMAGE_DIR (default: train uses the "
+                                 "built-in shapes data, eval the run's validation split)")
     if epochs:
         parser.add_argument("--epochs", type=int, default=None,
                             help=f"number of epochs {epochs_help}".strip())
@@ -637,19 +642,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="evaluate every N epochs, and after the last (default 1)")
     t.add_argument("--time-limit", type=float, default=None, metavar="MINUTES",
                    help="a time budget: no new epoch starts after MINUTES minutes (the "
-                        "running one is finished, evaluated and saved)")
+                        "running one is finished, evaluated and saved; default: none)")
     t.add_argument("--debug-transfers", action="store_true",
                    help="GPU debugging: fail at any device -> host copy inside a training "
                         "step other than the matcher's cost matrices and the logged losses")
     t.add_argument("--backbone-weights", metavar="FILE", default=None,
                    help="start the ResNet from ImageNet weights, as the official recipe does: "
                         "torchvision .pth or timm .safetensors (or a converted .npz); frozen "
-                        "batch norm uses the file's statistics (docs/pretrained.md)")
+                        "batch norm uses the file's statistics (docs/pretrained.md; "
+                        "default: none, random initialisation)")
     t.add_argument("--init-from", metavar="FILE", default=None,
                    help="fine-tune from a detector checkpoint (official .pth, transformers "
                         ".safetensors/.bin or folder, minidetr .npz): every weight whose name "
                         "and shape match is loaded; class heads of another number of classes "
-                        "are re-initialised (docs/pretrained.md)")
+                        "are re-initialised (docs/pretrained.md; default: none)")
     t.add_argument("--check-images", default="auto", choices=["auto", "decode", "header"],
                    help="the pre-flight check of every image before training: decode every "
                         "image (catches truncated files), or only open its header (size, "
@@ -666,9 +672,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "best.npz, else last.npz)")
     _common(e, out=False, epochs=False, resume=False)
     e.add_argument("--config", default=None, choices=CONFIGS,
-                   help="build this preset instead of the model recorded in the checkpoint")
+                   help="build this preset instead of the model recorded in the checkpoint "
+                        "(default: the recorded one)")
     e.add_argument("--variant", default=None, choices=VARIANT_NAMES,
-                   help="build this variant instead of the recorded one")
+                   help="build this variant instead of the recorded one (default: the "
+                        "recorded one)")
     e.add_argument("--batch-size", type=int, default=None,
                    help="images per forward pass (default: the run's training batch size, "
                         "as its evaluation during training; else 4)")
@@ -677,10 +685,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-images", type=int, default=None,
                    help="only the first N images (default: those the run was evaluated on "
                         "during training, all of them with --data)")
-    e.add_argument("--json", default=None, help="also write the metrics to this JSON file")
+    e.add_argument("--json", default=None,
+                   help="also write the metrics to this JSON file (default: none)")
     e.add_argument("--save-detections", default=None, metavar="RESULTS_JSON",
                    help="also write every detection in COCO results format (what "
-                        "pycocotools' COCO.loadRes and the COCO server read)")
+                        "pycocotools' COCO.loadRes and the COCO server read; default: none)")
     e.set_defaults(func=_cmd_eval)
 
     r = sub.add_parser("predict", help="draw detections on images (JPEG/PNG, COCO json)",
@@ -694,9 +703,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("images", nargs="+", help="image files and/or folders of images")
     _common(r, out_default="runs/predict", data=False, epochs=False, resume=False)
     r.add_argument("--config", default=None, choices=CONFIGS,
-                   help="build this preset instead of the model recorded in the checkpoint")
+                   help="build this preset instead of the model recorded in the checkpoint "
+                        "(default: the recorded one)")
     r.add_argument("--variant", default=None, choices=VARIANT_NAMES,
-                   help="build this variant instead of the recorded one")
+                   help="build this variant instead of the recorded one (default: the "
+                        "recorded one)")
     r.add_argument("--threshold", type=float, default=0.5,
                    help="keep detections scoring at least this (default 0.5)")
     r.add_argument("--batch-size", type=int, default=1,
@@ -707,7 +718,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--format", default="jpg", choices=["jpg", "png"],
                    help="picture format (default jpg)")
     r.add_argument("--json", default=None, metavar="RESULTS_JSON",
-                   help="also write the detections in COCO results format")
+                   help="also write the detections in COCO results format (default: none)")
     r.add_argument("--ann", default=None, metavar="ANN_JSON",
                    help="with --json: take the image ids from this COCO annotation file "
                         "(default: numeric file names, else 1..N)")
