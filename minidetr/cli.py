@@ -206,8 +206,13 @@ def _cmd_train(args):
         train_json = load_coco_json(data.train_annotations)
         categories = CategoryMap.from_coco(train_json, args.label_map)
         queries = {} if args.num_queries is None else {"num_queries": args.num_queries}
-        model_cfg = get_config(args.config, args.variant, num_classes=categories.num_classes,
-                               seed=args.seed, **queries)
+        if args.init_from and args.config is None:
+            model_cfg = _fine_tune_config(args, categories.num_classes, queries)
+        else:
+            args.config = args.config or "tiny"
+            model_cfg = get_config(args.config, args.variant or "plain",
+                                   num_classes=categories.num_classes, seed=args.seed,
+                                   **queries)
         _warn_about_crowded_images(train_json, data.train_annotations, model_cfg.num_queries)
         rec = _recipe_of(args)
         train_cfg = TrainConfig(
@@ -229,6 +234,24 @@ def _cmd_train(args):
         return 128 + int(result.signal or signal.SIGINT)
     _print_metrics(result.final_metrics, f"final COCO metrics ({result.run_dir}):")
     return 0
+
+
+def _fine_tune_config(args, num_classes, queries):
+    """``train --init-from FILE`` without ``--config``: the model of the checkpoint, with
+    the data's number of classes; the recipe and augmentation of the preset with its
+    backbone (tiny: tiny; ResNet-18: small; ResNet-34/50: paper)."""
+    from .weights.pretrained import detector_config
+
+    cfg = detector_config(args.init_from)
+    if args.variant is not None and args.variant != cfg.variant:
+        raise UsageError(f"--init-from {args.init_from} holds a {cfg.variant} model, not "
+                         f"{args.variant}; drop --variant (or pass --config to build another "
+                         "model and load what fits)")
+    args.config = {"tiny": "tiny", "resnet18": "small"}.get(cfg.backbone, "paper")
+    print(f"--init-from {args.init_from}: building its model ({cfg.backbone}, d_model "
+          f"{cfg.d_model}, {cfg.variant}, {cfg.num_classes} classes -> {num_classes}); "
+          f"recipe of --config {args.config}")
+    return cfg.replace(num_classes=num_classes, seed=args.seed, **queries)
 
 
 def _recipe_of(args) -> dict:
@@ -558,10 +581,16 @@ def _common(parser, *, out_default=None, out=True, data=True, epochs=True, resum
 
 
 def _model_options(parser, default_config="tiny", default_variant="plain"):
+    """``--config`` and ``--variant``; ``train`` passes None for both, so that ``--init-from``
+    can build the checkpoint's own model when they are not given (tiny/plain otherwise)."""
     parser.add_argument("--config", default=default_config, choices=CONFIGS,
-                        help=f"model size preset (default: {default_config})")
+                        help="model size preset (default: " + (
+                            default_config or "tiny, or the --init-from checkpoint's model")
+                        + ")")
     parser.add_argument("--variant", default=default_variant, choices=VARIANT_NAMES,
-                        help=f"architecture variant (default: {default_variant})")
+                        help="architecture variant (default: " + (
+                            default_variant or "plain, or the --init-from checkpoint's")
+                        + ")")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -598,7 +627,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "one for small and paper, a CPU one for tiny (the defaults "
                                    "below). Without --data: the built-in shapes dataset.")
     _common(t, out_default="runs/train", epochs_help=_recipe_help("epochs"))
-    _model_options(t)
+    _model_options(t, default_config=None, default_variant=None)
     t.add_argument("--val-data", nargs=2, metavar=("ANN_JSON", "IMAGE_DIR"),
                    help="the validation split (with --data ANN_JSON IMAGE_DIR; default: the "
                         "training split itself, which then measures fitting, not "

@@ -80,6 +80,19 @@ def _detector_checkpoint(path):
     return ckpt, report.lines()
 
 
+def detector_config(path):
+    """The :class:`~minidetr.models.ModelConfig` of a detector checkpoint (recorded in a
+    minidetr ``.npz``, inferred from the keys, args and config.json of any other file): the
+    model ``train --init-from`` builds when no ``--config`` is given."""
+    from ..models.config import ModelConfig
+
+    ckpt, _ = _detector_checkpoint(path)
+    if not ckpt.model_config:
+        raise CheckpointError(f"{path}: records no model configuration; pass --config and "
+                              "--variant")
+    return ModelConfig.from_dict(ckpt.model_config)
+
+
 def init_from_detector(model, cfg, path):
     """Load every matching weight of the detector checkpoint ``path`` into ``model``.
 
@@ -143,4 +156,5 @@ def load_pretrained(model, cfg, train_cfg):
     return lines
 
 
-__all__ = ["load_backbone_weights", "init_from_detector", "load_pretrained", "CLASS_HEAD"]
+__all__ = ["load_backbone_weights", "init_from_detector", "load_pretrained",
+           "detector_config", "CLASS_HEAD"]
