@@ -310,8 +310,10 @@ class Trainer:
             try:
                 path = self.save("last.npz", rng_state=self._rng_after_step)
             except Exception as save_error:       # the disk, most likely: say both
-                return (f"Saving a checkpoint failed too ({save_error}); {kept}. Continue "
-                        f"from it with {resume} once the cause is fixed.")
+                why = ("" if str(save_error) == str(error)      # no need to say it twice
+                       else f" ({type(save_error).__name__}: {save_error})")
+                return (f"Saving a checkpoint failed too{why}; {kept}. Continue from it "
+                        f"with {resume} once the cause is fixed.")
             return (f"Saved {path} ({self._position()}) before stopping; continue the run "
                     f"with {resume} once the cause is fixed.")
         return f"{kept}; continue the run with {resume} once the cause is fixed."
