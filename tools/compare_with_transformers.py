@@ -81,6 +81,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # run from a chec
 
 from minidetr.autograd import no_grad  # noqa: E402
 from minidetr.models import build_model, get_config  # noqa: E402
+from minidetr.weights.layouts import official_to_transformers  # noqa: E402
 
 VARIANTS = ("plain", "refine", "two-stage")
 DTYPES = ("float32", "float64")
@@ -122,7 +123,14 @@ def perturbed_model(cfg, rng):
     """
     model = build_model(cfg)
     state = model.state_dict()
+    first_name = {}                          # shared heads: nudge each tensor once
+    for key, tensor in model._state_items():
+        first_name.setdefault(id(tensor), key)
+    aliases = {key: first_name[id(tensor)] for key, tensor in model._state_items()}
     for key, value in state.items():
+        if aliases[key] != key:
+            state[key] = state[aliases[key]]          # (its first name came earlier)
+            continue
         if value.dtype.kind != "f":
             continue
         if key.endswith("running_var"):
@@ -139,67 +147,10 @@ def perturbed_model(cfg, rng):
     return model.eval()
 
 
-_BACKBONE_CONV = {"conv": "convolution", "bn": "normalization"}
-_DOWNSAMPLE = {"0": "convolution", "1": "normalization"}
-
-# (pattern, replacement) on the minidetr key after "transformer." -> "model."
-_TRANSFORMER_RENAMES = [
-    (r"^encoder\.layers\.(\d+)\.norm1\.", r"encoder.layers.\1.self_attn_layer_norm."),
-    (r"^encoder\.layers\.(\d+)\.norm2\.", r"encoder.layers.\1.final_layer_norm."),
-    (r"^(encoder|decoder)\.layers\.(\d+)\.linear1\.", r"\1.layers.\2.mlp.fc1."),
-    (r"^(encoder|decoder)\.layers\.(\d+)\.linear2\.", r"\1.layers.\2.mlp.fc2."),
-    (r"^decoder\.layers\.(\d+)\.cross_attn\.", r"decoder.layers.\1.encoder_attn."),
-    (r"^decoder\.layers\.(\d+)\.norm1\.", r"decoder.layers.\1.encoder_attn_layer_norm."),
-    (r"^decoder\.layers\.(\d+)\.norm2\.", r"decoder.layers.\1.self_attn_layer_norm."),
-    (r"^decoder\.layers\.(\d+)\.norm3\.", r"decoder.layers.\1.final_layer_norm."),
-    (r"^decoder\.layers\.(\d+)\.self_attn\.out_proj\.", r"decoder.layers.\1.self_attn.o_proj."),
-]
-
-
-def _backbone_key(rest):
-    """A torchvision-style ResNet key (after ``backbone.0.body.``) as transformers' ResNet key."""
-    prefix = "model.backbone.model."
-    m = re.fullmatch(r"(conv|bn)1\.(\w+)", rest)
-    if m:                                                    # the stem
-        return f"{prefix}embedder.embedder.{_BACKBONE_CONV[m[1]]}.{m[2]}"
-    m = re.fullmatch(r"layer(\d)\.(\d+)\.(conv|bn)(\d)\.(\w+)", rest)
-    if m:                                                    # conv k of block j of layer i
-        return (f"{prefix}encoder.stages.{int(m[1]) - 1}.layers.{m[2]}.layer."
-                f"{int(m[4]) - 1}.{_BACKBONE_CONV[m[3]]}.{m[5]}")
-    m = re.fullmatch(r"layer(\d)\.(\d+)\.downsample\.([01])\.(\w+)", rest)
-    if m:                                                    # the projection shortcut
-        return (f"{prefix}encoder.stages.{int(m[1]) - 1}.layers.{m[2]}.shortcut."
-                f"{_DOWNSAMPLE[m[3]]}.{m[4]}")
-    raise KeyError(f"no transformers name for backbone key {rest!r}")
-
-
 def to_hf_state_dict(state):
-    """minidetr (= official) state dict -> transformers' names, as NumPy arrays."""
-    out = {}
-    for key, value in state.items():
-        if key.startswith("backbone.0.body."):
-            out[_backbone_key(key[len("backbone.0.body."):])] = value
-            continue
-        if key == "query_embed.weight":
-            out["model.query_position_embeddings.weight"] = value
-            continue
-        if key.startswith("input_proj."):
-            out["model." + key] = value
-            continue
-        if not key.startswith("transformer."):           # class_embed.*, bbox_embed.*
-            out[key] = value
-            continue
-        rest = key[len("transformer."):]
-        m = re.fullmatch(r"decoder\.layers\.(\d+)\.self_attn\.in_proj_(weight|bias)", rest)
-        if m:                                    # rows [Wq; Wk; Wv] -> q_proj, k_proj, v_proj
-            q, k, v = np.split(value, 3, axis=0)
-            for name, part in zip(("q_proj", "k_proj", "v_proj"), (q, k, v)):
-                out[f"model.decoder.layers.{m[1]}.self_attn.{name}.{m[2]}"] = part
-            continue
-        for pattern, replacement in _TRANSFORMER_RENAMES:
-            rest = re.sub(pattern, replacement, rest)
-        out["model." + rest] = value
-    return out
+    """minidetr (= official) state dict -> transformers' names (its own ResNet backbone),
+    as NumPy arrays: :func:`minidetr.weights.layouts.official_to_transformers`."""
+    return dict(official_to_transformers(state, "transformers 5", backbone="transformers"))
 
 
 def hf_model_like(cfg, state, dtype):

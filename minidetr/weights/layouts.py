@@ -130,6 +130,25 @@ def hf_resnet_to_torchvision(rest: str) -> str:
     return rest
 
 
+def torchvision_to_hf_resnet(rest: str) -> str:
+    """The inverse of :func:`hf_resnet_to_torchvision`: a torchvision ResNet key as
+    transformers' ``ResNetBackbone`` names it (``layer2.0.downsample.1.bias`` ->
+    ``encoder.stages.1.layers.0.shortcut.normalization.bias``)."""
+    conv = {"conv": "convolution", "bn": "normalization"}
+    m = re.fullmatch(r"(conv|bn)1\.(\w+)", rest)
+    if m:                                                    # the stem
+        return f"embedder.embedder.{conv[m[1]]}.{m[2]}"
+    m = re.fullmatch(r"layer(\d)\.(\d+)\.(conv|bn)(\d)\.(\w+)", rest)
+    if m:                                                    # conv k of block j of layer i
+        return (f"encoder.stages.{int(m[1]) - 1}.layers.{m[2]}.layer.{int(m[4]) - 1}."
+                f"{conv[m[3]]}.{m[5]}")
+    m = re.fullmatch(r"layer(\d)\.(\d+)\.downsample\.([01])\.(\w+)", rest)
+    if m:                                                    # the projection shortcut
+        part = {"0": "convolution", "1": "normalization"}[m[3]]
+        return f"encoder.stages.{int(m[1]) - 1}.layers.{m[2]}.shortcut.{part}.{m[4]}"
+    raise LayoutError(f"no transformers ResNet name for backbone key {rest!r}")
+
+
 def resnet_depth(keys) -> str:
     """"resnet18", "resnet34" or "resnet50" from torchvision-style keys (block counts and
     whether blocks have a third convolution); LayoutError for anything else."""
@@ -239,16 +258,20 @@ def transformers_to_official(arrays):
     return state, dropped
 
 
-def official_to_transformers(state, naming="transformers 5"):
+def official_to_transformers(state, naming="transformers 5", backbone="timm"):
     """Official (minidetr) names -> transformers' names, the inverse of
-    :func:`transformers_to_official` (the backbone keeps torchvision/timm names, as a timm
-    backbone has them). ``naming`` is "transformers 5" or "hub (transformers 4)"."""
+    :func:`transformers_to_official`. ``naming`` is "transformers 5" or "hub (transformers
+    4)"; ``backbone`` "timm" keeps the torchvision/timm names of a timm ResNet,
+    "transformers" gives transformers' own ``ResNetBackbone`` names."""
     old = naming.startswith("hub")
     out = OrderedDict()
     for key, value in state.items():
         if key.startswith(BODY):
+            body = key[len(BODY):]
+            if backbone == "transformers":
+                body = torchvision_to_hf_resnet(body)
             out[("model.backbone.conv_encoder.model." if old else "model.backbone.model.")
-                + key[len(BODY):]] = value
+                + body] = value
         elif key == "query_embed.weight":
             out["model.query_position_embeddings.weight"] = value
         elif key.startswith("input_proj."):
@@ -307,4 +330,5 @@ def to_official(arrays, layout=None):
 
 __all__ = ["LAYOUTS", "LayoutError", "detect_layout", "transformers_naming", "to_official",
            "transformers_to_official", "official_to_transformers", "backbone_to_official",
-           "hf_resnet_to_torchvision", "resnet_depth", "NON_WEIGHT_SUFFIXES"]
+           "hf_resnet_to_torchvision", "torchvision_to_hf_resnet", "resnet_depth",
+           "NON_WEIGHT_SUFFIXES"]
