@@ -10,6 +10,10 @@
                     attention over levels, proposals
 :mod:`.examples`    two small training loops (an MLP, a tiny CNN) that show autograd,
                     layers and AdamW learning in seconds
+:mod:`.experiments` the experiments of notebooks 14-16 (convergence, ablations): one
+                    training budget, the settings, running them, caching the results
+:mod:`.trained`     opening a trained model: cached checkpoints, held-out images, what
+                    its attention samples, per-layer IoU of the decoder's boxes
 ==================  ===================================================================
 
 The run pictures of training (loss and AP curves, detections) are a different job: they
