@@ -120,12 +120,15 @@ def _absolute(path):
 
 
 def _print_metrics(metrics, title):
-    from .training.evaluation import METRIC_NAMES
+    """The six COCO metrics, one a line, with what a -1 means when one is there."""
+    from .training.evaluation import METRIC_NAMES, MINUS_ONE_NOTE
 
     print(title)
     for name in METRIC_NAMES:
         if name in metrics:
             print(f"  {name:5s} {metrics[name]:.4f}")
+    if any(metrics.get(name) == -1 for name in METRIC_NAMES):
+        print(f"  ({MINUS_ONE_NOTE})")
 
 
 def _load_detector(args):
@@ -298,8 +301,7 @@ def _cmd_eval(args):
     from .models.build import build_criterion
     from .training.config import locate_data
     from .training.engine import evaluate
-    from .training.evaluation import (METRIC_NAMES, MINUS_ONE_NOTE, CocoEvaluator,
-                                      write_coco_results)
+    from .training.evaluation import CocoEvaluator, write_coco_results
 
     if args.checkpoint is None:
         # ``eval --data DIR CHECKPOINT``: the greedy --data took the checkpoint too
@@ -348,8 +350,6 @@ def _cmd_eval(args):
                        num_steps=len(loader), device=m.device,
                        progress=not args.no_progress, verbose=True, evaluator=evaluator)
     _print_metrics(metrics, "COCO box metrics:")
-    if any(metrics.get(name) == -1 for name in METRIC_NAMES):
-        print(f"  ({MINUS_ONE_NOTE})")
     logged = _logged_ap(m.checkpoint)
     if logged is not None and as_in_training:
         epoch, ap = logged
