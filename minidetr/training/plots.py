@@ -84,6 +84,12 @@ def plot_losses(history, path, terms=LOSS_TERMS):
     return save_figure(fig, path)
 
 
+def ap_axis_top(history, curves=AP_CURVES) -> float:
+    """The top of the AP axis: 15% above the highest value drawn, at least 0.01, at most 1."""
+    values = [v for name in curves for v in _series(history, name)[1]]
+    return min(1.0, max(1.15 * max(values, default=0.0), 0.01))
+
+
 def plot_ap(history, path, curves=AP_CURVES):
     """COCO AP (and AP50, AP75, by size) on the validation set over epochs; returns path.
 
@@ -94,15 +100,14 @@ def plot_ap(history, path, curves=AP_CURVES):
     """
     fig = new_figure(7.2, 4.0)
     ax = fig.subplots()
-    top, absent = 0.0, []
+    absent = []
     for name in curves:
         epochs, values = _series(history, name)
         if len(epochs):
             ax.plot(epochs, values, marker="o", markersize=3, label=name)
-            top = max(top, float(values.max()))
         elif any(h.get(name) == -1 for h in history):
             absent.append(name)
-    ax.set_ylim(0, min(1.0, max(top * 1.15, 0.01)))
+    ax.set_ylim(0, ap_axis_top(history, curves))
     _epoch_axis(ax)
     ax.set_ylabel("COCO average precision")
     ax.set_title("validation AP")
@@ -176,5 +181,5 @@ def _palette():
     return [colormaps["tab10"](i) for i in range(10)]
 
 
-__all__ = ["plot_losses", "plot_ap", "draw_detections", "new_figure", "save_figure",
+__all__ = ["plot_losses", "plot_ap", "ap_axis_top", "draw_detections", "new_figure", "save_figure",
            "LOSS_TERMS", "AP_CURVES"]
