@@ -22,12 +22,11 @@ def test_plot_ap_with_undefined_metrics_writes_a_png(tmp_path):
 
 
 def test_detections_outside_the_image_and_at_its_top_edge(tmp_path):
-    rng = np.random.default_rng(0)                      # photo-like: no flat areas
-    image = Image.fromarray(rng.integers(0, 255, (60, 90, 3), dtype=np.uint8))
+    image = Image.fromarray(np.full((60, 90, 3), 200, np.uint8))
     detections = {"scores": np.array([0.9, 0.8]), "labels": np.array([0, 1]),
                   "boxes": np.array([[-20.0, -5.0, 50.0, 30.0], [60.0, 2.0, 140.0, 90.0]])}
     jpg = draw_detections(image, detections, ["cat", "dog"], tmp_path / "d.jpg",
                           title="top edge")
     png = draw_detections(image, detections, ["cat", "dog"], tmp_path / "d.png")
-    assert jpg.read_bytes()[:3] == b"\xff\xd8\xff" and png.read_bytes()[:4] == b"\x89PNG"
-    assert jpg.stat().st_size < png.stat().st_size, "the JPEG should be the smaller file"
+    assert jpg.read_bytes()[:3] == b"\xff\xd8\xff", "a .jpg path must get a JPEG"
+    assert png.read_bytes()[:4] == b"\x89PNG", "a .png path must get a PNG"
