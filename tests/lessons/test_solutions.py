@@ -2,7 +2,7 @@
 
 Convention (see ``notebooks/solutions/README.md``):
 
-* a notebook ``notebooks/NN_name.py`` may end with a markdown cell whose first line is
+* every notebook ``notebooks/NN_name.py`` ends with a markdown cell whose first line is
   ``## Exercises``, holding 3 to 5 numbered exercises (``1. ...``, ``2. ...``), placed after
   every code cell but the last one (the code cell of asserts; a markdown cell such as a
   "## Checks" heading may sit in between);
@@ -12,8 +12,8 @@ Convention (see ``notebooks/solutions/README.md``):
 
 This file finds the solution modules at collection time (so a new one is picked up without
 touching it), imports each one in isolation and calls every ``exercise_*`` function. It
-fails when a solution file has no notebook, when the notebook has no Exercises section,
-when an Exercises section has no solution file, or when the numbers differ.
+fails when a notebook has no Exercises section, when a solution file has no notebook or
+an Exercises section no solution file, or when the numbers differ.
 """
 from __future__ import annotations
 
@@ -144,9 +144,10 @@ def test_each_solution_file_matches_its_notebooks_exercises(path):
 
 
 @pytest.mark.parametrize("notebook", [pytest.param(p, id=p.stem) for p in notebook_sources()])
-def test_an_exercises_section_has_a_solution_file(notebook):
-    if exercises_section(notebook) is None:
-        pytest.skip(f"{notebook.name} has no Exercises section")
+def test_every_notebook_has_exercises_with_a_solution_file(notebook):
+    assert exercises_section(notebook) is not None, (
+        f"{notebook.name} has no Exercises section: end it with a markdown cell '## Exercises' "
+        f"(3 to {MAX_EXERCISES} numbered exercises) before its final cell of asserts")
     solution = SOLUTIONS / notebook.name
     assert solution.is_file(), (f"{notebook.name} has an Exercises section but no solutions: "
                                 f"add {solution.relative_to(REPO)} with exercise_1(), ...")
