@@ -266,6 +266,25 @@ def _untie_transformers_heads(model, state):
     return added
 
 
+def _dtype_notes(model, state, where):
+    """Refuse arrays of another kind than the model's (integers for weights); note
+    floating dtypes other than the model's (kept as they are; cast when loaded)."""
+    expected = {k: v.dtype for k, v in model.state_dict().items()}
+    wrong = [f"{k}: {np.asarray(v).dtype} (the model's is {expected[k]})"
+             for k, v in state.items() if k in expected
+             and np.asarray(v).dtype.kind != expected[k].kind]
+    if wrong:
+        raise CheckpointError(f"{where}: {len(wrong)} arrays are not floating point like the "
+                              "model's weights: " + "; ".join(wrong[:6])
+                              + (" ..." if len(wrong) > 6 else ""))
+    other = sorted({np.asarray(v).dtype.name for k, v in state.items()
+                    if np.asarray(v).dtype != expected.get(k, np.asarray(v).dtype)})
+    if other:
+        return [f"stored as {', '.join(other)}: kept so in the checkpoint (bit for bit); "
+                "cast to the model's float32 when loaded"]
+    return []
+
+
 def _ordered(model, state):
     """``state`` in the model's key order (keys the model lacks keep their place at the end)."""
     order = list(model.state_dict().keys())
@@ -312,6 +331,7 @@ def convert_detector(source, variant=None, config=None):
         notes.append(f"transformers ties every prediction head to head 0 and writes it once: "
                      f"{len(untied)} arrays of heads 1.. copied from head 0 ({untied[0]}, ...)")
     check_model_state(model, state, f"weights in {where}", model_config=cfg.to_dict())
+    notes += _dtype_notes(model, state, where)
     state = _ordered(model, state)
     report = ConversionReport(where, src.format, layout + naming, "detector", cfg, len(state),
                               dropped, restored, notes)

@@ -268,3 +268,19 @@ def test_convert_checkpoint_command_then_predict_from_either_file(tmp_path, caps
     for key in ("scores", "labels", "boxes"):
         assert np.array_equal(from_npz[key], from_file[key]), key
     assert load_weights(folder / "model.safetensors").model_config == cfg.to_dict()
+
+
+def test_float16_weights_are_kept_and_noted_integer_weights_refused():
+    cfg, state = micro_state("plain")
+    half = OrderedDict((k, v.astype(np.float16)) for k, v in state.items())
+    ckpt, report = convert_detector(_source(half, args={"nheads": 2}))
+    assert all(v.dtype == np.float16 for v in ckpt.model_state.values())
+    assert any("stored as float16" in n for n in report.notes)
+    model = build_model(cfg)
+    model.load_state_dict(ckpt.model_state)               # cast on load
+    assert np.array_equal(model.state_dict()["transformer.level_embed"],
+                          half["transformer.level_embed"].astype(np.float32))
+    state["transformer.level_embed"] = state["transformer.level_embed"].astype(np.int64)
+    with pytest.raises(CheckpointError, match="transformer.level_embed: int64 .the model's is "
+                                              "float32"):
+        convert_detector(_source(state, args={"nheads": 2}))
