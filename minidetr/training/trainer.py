@@ -276,6 +276,7 @@ class Trainer:
         self.partial = RunningAverages.from_state(progress["partial"])
         self.history = list(progress["history"])
         self.saved_at = (self.epoch, self.step)
+        self._rng_after_step = ckpt.rng["dropout"]     # until a step of this session
 
     def save(self, name="last.npz", rng_state=None):
         """Write a checkpoint; ``last.npz`` first keeps its previous version as
@@ -305,13 +306,16 @@ class Trainer:
                     "the cause is fixed, the same command starts the run again (no "
                     "--overwrite needed).")
         kept = (f"{self.run_dir / 'last.npz'} ({self._position(*self.saved_at)}) is intact"
-                if self.saved_at is not None else "no checkpoint was written")
+                if self.saved_at is not None else None)
         if (self.epoch, self.step) != self.saved_at:
             try:
                 path = self.save("last.npz", rng_state=self._rng_after_step)
             except Exception as save_error:       # the disk, most likely: say both
                 why = ("" if str(save_error) == str(error)      # no need to say it twice
                        else f" ({type(save_error).__name__}: {save_error})")
+                if self.saved_at is None:
+                    return (f"Saving a checkpoint failed too{why}; nothing of this session "
+                            "was saved. Once the cause is fixed, run the same command again.")
                 return (f"Saving a checkpoint failed too{why}; {kept}. Continue from it "
                         f"with {resume} once the cause is fixed.")
             return (f"Saved {path} ({self._position()}) before stopping; continue the run "
