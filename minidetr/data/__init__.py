@@ -10,7 +10,8 @@ The path of one training batch, top to bottom:
     for images, mask, targets in loader:                            # (B,3,H,W), (B,H,W), [dict]
         ...
 
-``make_subset`` (subset.py) carves a small COCO subset out of a full download.
+``make_subset`` (subset.py) carves a small COCO subset out of a full download;
+``preflight.preflight`` (preflight.py) checks every image of a split before training.
 See docs/data.md.
 """
 from .coco import (CategoryMap, CocoDetection, DatasetError, DatasetWarning, FirstImages,
