@@ -185,18 +185,47 @@ def backbone_to_official(arrays, source_layout):
 
 
 # --------------------------------------------------------------------------- transformers
-# (pattern, replacement) on a key after "model." -> after "transformer.", both generations.
-_ENCODER = [
-    (r"^encoder\.layers\.(\d+)\.self_attn_layer_norm\.", r"encoder.layers.\1.norm1."),
-    (r"^encoder\.layers\.(\d+)\.final_layer_norm\.", r"encoder.layers.\1.norm2."),
-    (r"^(encoder|decoder)\.layers\.(\d+)\.(?:mlp\.)?fc1\.", r"\1.layers.\2.linear1."),
-    (r"^(encoder|decoder)\.layers\.(\d+)\.(?:mlp\.)?fc2\.", r"\1.layers.\2.linear2."),
-    (r"^decoder\.layers\.(\d+)\.encoder_attn_layer_norm\.", r"decoder.layers.\1.norm1."),
-    (r"^decoder\.layers\.(\d+)\.encoder_attn\.", r"decoder.layers.\1.cross_attn."),
-    (r"^decoder\.layers\.(\d+)\.self_attn_layer_norm\.", r"decoder.layers.\1.norm2."),
-    (r"^decoder\.layers\.(\d+)\.final_layer_norm\.", r"decoder.layers.\1.norm3."),
-    (r"^decoder\.layers\.(\d+)\.self_attn\.o_proj\.", r"decoder.layers.\1.self_attn.out_proj."),
+# The modules of an encoder/decoder layer that transformers 5 names otherwise:
+# (which layers, official name, transformers 5 name). Each key holds one of them at most.
+_LAYER_RENAMES = [
+    ("encoder", "norm1", "self_attn_layer_norm"),
+    ("encoder", "norm2", "final_layer_norm"),
+    ("encoder|decoder", "linear1", "mlp.fc1"),
+    ("encoder|decoder", "linear2", "mlp.fc2"),
+    ("decoder", "cross_attn", "encoder_attn"),
+    ("decoder", "norm1", "encoder_attn_layer_norm"),
+    ("decoder", "norm2", "self_attn_layer_norm"),
+    ("decoder", "norm3", "final_layer_norm"),
+    ("decoder", "self_attn.out_proj", "self_attn.o_proj"),
 ]
+
+
+def _rename_layer_module(rest, to_transformers):
+    """``encoder.layers.3.norm1.weight`` <-> ``encoder.layers.3.self_attn_layer_norm.weight``
+    (a key after ``transformer.`` / ``model.``); other keys unchanged."""
+    for layers, official, hf in _LAYER_RENAMES:
+        old, new = (official, hf) if to_transformers else (hf, official)
+        renamed, count = re.subn(rf"^({layers})\.layers\.(\d+)\.{re.escape(old)}\.",
+                                 rf"\1.layers.\2.{new}.", rest)
+        if count:
+            return renamed
+    return rest
+
+
+def _hub_to_transformers5(rest):
+    """The hub-era names of a layer module -> transformers 5's (``fc1`` -> ``mlp.fc1``,
+    the decoder self-attention's ``out_proj`` -> ``o_proj``), as its conversion_mapping."""
+    rest = re.sub(r"^(encoder|decoder)\.layers\.(\d+)\.fc([12])\.", r"\1.layers.\2.mlp.fc\3.",
+                  rest)
+    return re.sub(r"^decoder\.layers\.(\d+)\.self_attn\.out_proj\.",
+                  r"decoder.layers.\1.self_attn.o_proj.", rest)
+
+
+def _transformers5_to_hub(rest):
+    rest = re.sub(r"\.mlp\.fc([12])\.", r".fc\1.", rest)
+    return rest.replace(".self_attn.o_proj.", ".self_attn.out_proj.")
+
+
 _TRANSFORMER_TOP = ("level_embed", "reference_points.", "enc_output.", "enc_output_norm.",
                     "pos_trans.", "pos_trans_norm.", "encoder.", "decoder.")
 _QKV = re.compile(r"^decoder\.layers\.(\d+)\.self_attn\.([qkv])_proj\.(weight|bias)$")
@@ -243,9 +272,7 @@ def transformers_to_official(arrays):
         if m:
             qkv.setdefault((m[1], m[3]), {})[m[2]] = value
             continue
-        for pattern, replacement in _ENCODER:
-            rest = re.sub(pattern, replacement, rest)
-        state["transformer." + rest] = value
+        state["transformer." + _rename_layer_module(_hub_to_transformers5(rest), False)] = value
     for (layer, kind), parts in sorted(qkv.items()):
         if set(parts) != {"q", "k", "v"}:
             raise LayoutError(f"decoder layer {layer}: self-attention {kind} has only "
@@ -283,28 +310,11 @@ def official_to_transformers(state, naming="transformers 5", backbone="timm"):
                 for name, part in zip("qkv", np.split(value, 3, axis=0)):
                     out[f"model.decoder.layers.{m[1]}.self_attn.{name}_proj.{m[2]}"] = part
                 continue
-            for pattern, replacement in _OFFICIAL_TO_HF:
-                rest = re.sub(pattern, replacement, rest)
-            if old:
-                rest = re.sub(r"\.mlp\.fc([12])\.", r".fc\1.", rest)
-                rest = rest.replace(".self_attn.o_proj.", ".self_attn.out_proj.")
-            out["model." + rest] = value
+            rest = _rename_layer_module(rest, True)
+            out["model." + (_transformers5_to_hub(rest) if old else rest)] = value
         else:
             out[key] = value
     return out
-
-
-_OFFICIAL_TO_HF = [
-    (r"^encoder\.layers\.(\d+)\.norm1\.", r"encoder.layers.\1.self_attn_layer_norm."),
-    (r"^encoder\.layers\.(\d+)\.norm2\.", r"encoder.layers.\1.final_layer_norm."),
-    (r"^(encoder|decoder)\.layers\.(\d+)\.linear1\.", r"\1.layers.\2.mlp.fc1."),
-    (r"^(encoder|decoder)\.layers\.(\d+)\.linear2\.", r"\1.layers.\2.mlp.fc2."),
-    (r"^decoder\.layers\.(\d+)\.cross_attn\.", r"decoder.layers.\1.encoder_attn."),
-    (r"^decoder\.layers\.(\d+)\.norm1\.", r"decoder.layers.\1.encoder_attn_layer_norm."),
-    (r"^decoder\.layers\.(\d+)\.norm2\.", r"decoder.layers.\1.self_attn_layer_norm."),
-    (r"^decoder\.layers\.(\d+)\.norm3\.", r"decoder.layers.\1.final_layer_norm."),
-    (r"^decoder\.layers\.(\d+)\.self_attn\.out_proj\.", r"decoder.layers.\1.self_attn.o_proj."),
-]
 
 
 def to_official(arrays, layout=None):
