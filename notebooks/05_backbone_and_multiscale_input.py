@@ -97,10 +97,13 @@ plt.show()
 # padding, so level $l$ with stride $s_l \in \{8, 16, 32\}$ has
 # $H_l = \lceil H / s_l \rceil$, $W_l = \lceil W / s_l \rceil$. We build the `tiny` model
 # with `num_feature_levels=4` so that it also has the paper's fourth level (the `tiny`
-# preset itself uses 3).
+# preset itself uses 3), and with `mask_aware_norm=False`, the official model's masks
+# (the `tiny` preset's default computes each level's mask as the exact valid region
+# instead: [model.md §11](../docs/model.md#11-deliberate-deviations-from-the-official-implementation),
+# item 10).
 
 # %%
-cfg = get_config("tiny", num_feature_levels=4, seed=SEED)
+cfg = get_config("tiny", num_feature_levels=4, mask_aware_norm=False, seed=SEED)
 model = build_model(cfg).eval()
 joiner = model.backbone                         # Joiner = [Backbone, PositionEmbeddingSine]
 with no_grad():
