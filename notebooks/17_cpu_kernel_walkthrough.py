@@ -216,8 +216,11 @@ def peak_bytes(fn, *args):
 peaks = {"reference": peak_bytes(reference.forward, *big[:5]),
          "numba kernel": peak_bytes(numba_cpu.forward, *big[:5])}
 output_bytes = big[5].nbytes                           # grad_output has the output's shape
+copy_bytes = big[0].nbytes if numba_cpu.use_head_major(big[0], big[3]) else 0
 for name, peak in peaks.items():
     print(f"{name:<13} peak {peak / 1e6:6.2f} MB = {peak / output_bytes:5.1f} x the output")
+print(f"(output {output_bytes / 1e6:.2f} MB; the kernel's head-major copy of the value "
+      f"{copy_bytes / 1e6:.2f} MB)")
 
 # %% [markdown]
 # ## 3. The per-point kernel
@@ -433,6 +436,7 @@ assert hand[0].shape == (N, Lq, M * D) and hand[1].shape == value.shape
 assert not hand[2][0, 0, 0, 0, 0].any() and hand[3][0, 0, 0, 0, 0] == 0, "skipped point"
 assert python_equal, "the kernel's own Python source computes what the compiled kernel does"
 assert peaks["reference"] > 3 * peaks["numba kernel"], peaks
+assert peaks["numba kernel"] < 1.1 * (output_bytes + copy_bytes), (peaks, output_bytes, copy_bytes)
 for head_major in (False, True):
     sets = list(owned[head_major].values())
     assert sum(len(r) for r in sets) == len(set().union(*sets)) == N * M * S
