@@ -662,7 +662,7 @@ def resume_training(run_dir, *, epochs=None, data: DataPaths | None = None, devi
     if not ckpt_path.is_file():
         others = [n for n in CHECKPOINT_FILES if (run_dir / n).is_file()]
         if others:
-            raise RunError(f"cannot resume: {run_dir} holds no last.npz; " + _other_checkpoints(
+            raise RunError(f"cannot resume: {run_dir} holds no last.npz. " + _other_checkpoints(
                 run_dir, ckpt_path))
         if (run_dir / "run.json").is_file():
             return _restart_from_run_json(

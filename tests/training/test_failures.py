@@ -420,6 +420,19 @@ def test_a_damaged_last_npz_offers_the_previous_one_and_best(tmp_path, capsys, s
     _no_temporaries(run)
 
 
+def test_a_missing_last_npz_points_to_the_other_checkpoints(tmp_path, capsys, straight):
+    run = tmp_path / "run"
+    shutil.copytree(straight, run)
+    (run / "last.npz").unlink()
+    assert main(["train", "--resume", str(run), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    _no_traceback(err)
+    assert err.startswith(f"error: cannot resume: {run} holds no last.npz. Resume from an "
+                          "earlier checkpoint instead")
+    assert f"`python -m minidetr train --resume {run / 'last.prev.npz'}` (after epoch 1)" in err
+    assert sorted(p.name for p in run.glob("*.npz")) == ["best.npz", "last.prev.npz"]
+
+
 def _damage_member(src, dst, key):
     """Copy the archive ``src`` to ``dst`` with the ``.npy`` header of ``key`` garbled."""
     import zipfile
