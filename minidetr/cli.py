@@ -577,7 +577,8 @@ def _common(parser, *, out_default=None, out=True, data=True, epochs=True, resum
     if resume:
         parser.add_argument("--resume", nargs="?", const=True, default=None, metavar="RUN_DIR",
                             help="continue the run in RUN_DIR (default: --out) from its "
-                                 "last.npz, exactly where it stopped")
+                                 "last.npz, exactly where it stopped (train: or from another "
+                                 "of its checkpoints, e.g. RUN_DIR/last.prev.npz)")
 
 
 def _model_options(parser, default_config="tiny", default_variant="plain"):
