@@ -105,8 +105,9 @@ TORCH_DTYPES = {
     "cdouble": "<c16", "complex64": "<c8", "cfloat": "<c8",
 }
 # torch dtypes and storages that exist but have no NumPy equivalent (a clear PthError).
-_NO_NUMPY_DTYPE = re.compile(r"^(float8_\w+|float4_\w+|complex32|chalf|bits\w+|u?int[1-7]"
-                             r"|q\w+|Q\w+Storage)$")
+_NO_NUMPY_DTYPE = re.compile(r"^(float8_e\w+|float4_e\w+|complex32|chalf|bits(8|16|\dx\d)"
+                             r"|u?int[1-7]|q(u?int8|int32|uint4x2|uint2x4)"
+                             r"|Q(U?Int8|Int32|UInt4x2|UInt2x4)Storage)$")
 # torch rebuild functions of tensors this reader does not support (a clear PthError).
 _UNSUPPORTED_TENSORS = {
     "_rebuild_sparse_tensor": "a sparse tensor", "_rebuild_sparse_csr_tensor":

@@ -134,3 +134,18 @@ def test_shared_storage_is_shared_memory(tmp_path, fmt):
     assert np.shares_memory(got["a"], got["c"]) and np.shares_memory(got["b"], got["c"])
     got["c"][3] = -1.0
     assert got["a"][1] == -1.0, "a write through one view is seen by the other, as in torch"
+
+
+@pytest.mark.parametrize("fmt", ["zip", "legacy"])
+def test_unsupported_tensors_are_clear_errors(tmp_path, fmt):
+    """Tensors NumPy cannot hold: a PthError that says what they are (not 'unsafe')."""
+    from minidetr.weights.pth import PthError, UnsafePickleError
+
+    cases = {"a sparse tensor": torch.eye(3).to_sparse(),
+             "float8_e4m3fn": torch.zeros(3).to(torch.float8_e4m3fn)}
+    for match, tensor in cases.items():
+        path = tmp_path / "unsupported.pth"
+        torch.save({"w": tensor}, path, _use_new_zipfile_serialization=fmt == "zip")
+        with pytest.raises(PthError, match=match) as err:
+            load_pth(path)
+        assert not isinstance(err.value, UnsafePickleError), err.value
