@@ -241,11 +241,12 @@ def test_sigterm_mid_epoch_saves_and_resumes_bit_for_bit(data, tmp_path, straigh
     proc = subprocess.Popen([sys.executable, "-c", _LAUNCHER, "train", "--data", str(data),
                              "--out", str(run), *OPTIONS], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env)
-    err = []
+    err, sent = [], False
     for line in proc.stderr:                  # SIGTERM as soon as the first step is logged
         err.append(line)
-        if line.startswith("STEP DONE") and len(err) == 1:
+        if line.startswith("STEP DONE") and not sent:
             proc.send_signal(signal.SIGTERM)
+            sent = True
     out, err = proc.stdout.read(), "".join(err)
     assert proc.wait(timeout=300) == 128 + signal.SIGTERM, err
     _no_traceback(err)
