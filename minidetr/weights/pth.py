@@ -684,7 +684,8 @@ def load_pth(path):
     path = Path(path)
     source = str(path)
     if not path.is_file():
-        raise PthError(f"{source}: no such file")
+        raise PthError(f"{source}: " + ("a folder, not a file" if path.is_dir() else
+                                       "no such file"))
     try:
         with open(path, "rb") as f:
             head = f.read(512)

@@ -76,7 +76,8 @@ def load_safetensors(path) -> "OrderedDict[str, np.ndarray]":
     """
     path = Path(path)
     if not path.is_file():
-        raise SafetensorsError(f"{path}: no such file")
+        raise SafetensorsError(f"{path}: " + ("a folder, not a file" if path.is_dir() else
+                                              "no such file"))
     safe_open, SafetensorError = _safe_open()
     size = path.stat().st_size
     if size < 8:

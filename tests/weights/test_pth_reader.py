@@ -424,7 +424,7 @@ def test_npz_and_safetensors_renamed_pth(tmp_path):
 
 def test_missing_file_and_folder(tmp_path):
     _assert_clear_error(tmp_path / "nothing.pth", match="no such file")
-    with pytest.raises(PthError, match="no such file"):
+    with pytest.raises(PthError, match="a folder, not a file"):
         load_pth(tmp_path)
 
 
