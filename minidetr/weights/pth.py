@@ -430,7 +430,7 @@ def _find_global(module, name, source):
                        "it with torch and save dense tensors")
     what = f"{module}.{name}"[:150]
     raise UnsafePickleError(
-        f"{source}: refused the global {what}. A weights file needs only tensors, "
+        f"{source}: refused the global {what}. A PyTorch weights file needs only tensors, "
         "storages, dicts, lists, numbers and strings; this one asks for something else, and "
         "a pickle that names a global can run it. Nothing was run. If you trust the file, "
         "load it with torch, and save its state_dict again.")
