@@ -86,6 +86,16 @@ def _no_traceback(err):
     assert "Traceback" not in err and 'File "' not in err, err
 
 
+def _stderr(capsys):
+    """What the command wrote on stderr, less ``warning:`` lines about the data."""
+    return "".join(line + "\n" for line in _error_lines(capsys.readouterr().err))
+
+
+def _error_lines(err):
+    """stderr without ``warning:`` lines (about the data, not the failure under test)."""
+    return [line for line in err.splitlines() if not line.startswith("warning: ")]
+
+
 def _no_temporaries(folder):
     left = [p.name for p in folder.iterdir() if p.name.endswith(".tmp")]
     assert not left, f"temporary files left behind: {left}"
@@ -127,9 +137,9 @@ def test_a_full_disk_mid_run_keeps_the_last_checkpoint_and_resumes_exactly(
     run = tmp_path / "run"
     _fail_writes(monkeypatch, "last.npz", errno.ENOSPC, after=1)    # epoch 2's save fails
     assert _train(data, run) == 1
-    err = capsys.readouterr().err
+    err = _stderr(capsys)
     _no_traceback(err)
-    lines = err.splitlines()
+    lines = _error_lines(err)
     assert len(lines) == 2, err
     assert lines[0].startswith(f"error: cannot write the checkpoint {run / 'last.npz'}: no "
                                f"space left on the device of {run} (the checkpoint needs about ")
@@ -164,7 +174,7 @@ def test_a_real_full_disk_on_a_small_tmpfs(data, tmp_path, capsys, straight):
     try:
         run = disk / "run"
         assert _train(data, run) == 1
-        err = capsys.readouterr().err
+        err = _stderr(capsys)
         _no_traceback(err)
         assert err.startswith("error: cannot write the checkpoint ") and \
             f"no space left on the device of {run}" in err, err
@@ -190,10 +200,10 @@ def test_an_unwritable_output_folder_is_one_error_line(data, tmp_path, monkeypat
         pytest.skip("needs /proc/self/fd (Linux)")
     _fail_writes(monkeypatch, "run.json", error, where=where)
     assert _train(data, run) == 1
-    err = capsys.readouterr().err
+    err = _stderr(capsys)
     _no_traceback(err)
     assert err.startswith(f"error: cannot write the run description {run / 'run.json'}: ")
-    assert reason in err and len(err.splitlines()) == 1, err
+    assert reason in err and len(_error_lines(err)) == 1, err
     assert not list(run.iterdir()), "nothing may be left in the folder"
 
 
@@ -207,7 +217,7 @@ def test_a_real_read_only_folder(data, tmp_path, capsys):
         assert _train(data, parent / "run") == 1
     finally:
         parent.chmod(0o755)
-    err = capsys.readouterr().err
+    err = _stderr(capsys)
     _no_traceback(err)
     assert err.startswith("error: cannot write the run folder") and "permission denied" in err
 
@@ -287,7 +297,7 @@ def test_a_corrupt_validation_image_stops_the_run_before_training(data, tmp_path
     _truncate(image)
     run = tmp_path / "run"
     assert _train(data, run) == 2
-    err = capsys.readouterr().err
+    err = _stderr(capsys)
     _no_traceback(err)
     assert err.startswith(f"error: {data / 'annotations' / 'instances_val.json'}: 1 of 4 val "
                           "images failed the pre-flight check (nothing was trained):\n"
@@ -302,9 +312,9 @@ def test_a_corrupt_validation_image_found_by_evaluation_loses_no_training(
     content = _truncate(image)                       # the header survives: only decoding fails
     run = tmp_path / "run"
     assert _train(data, run, "--check-images", "header") == 2
-    err = capsys.readouterr().err
+    err = _stderr(capsys)
     _no_traceback(err)
-    lines = err.splitlines()
+    lines = _error_lines(err)
     assert lines[0].startswith(f"error: image {image} (image id ") and "cannot decode" in lines[0]
     assert lines[1] == (f"Saved {run / 'last.npz'} (epoch 1, 3 of 3 steps done) before "
                         f"stopping; continue the run with `python -m minidetr train --resume "
@@ -326,7 +336,7 @@ def test_an_image_of_another_size_than_its_json_entry_is_found_before_training(
         im.load()
         im.resize((im.width + 4, im.height)).save(image)
     assert _train(data, tmp_path / "run") == 2
-    err = capsys.readouterr().err
+    err = _stderr(capsys)
     _no_traceback(err)
     assert "1 of 12 train images failed the pre-flight check" in err
     assert f"image {image} (image id " in err and "is 64x68 (h x w) but" in err
@@ -355,9 +365,9 @@ def test_a_run_that_saved_nothing_never_traps_the_user(data, tmp_path, capsys, m
     for attempt in ("again", "resume"):
         monkeypatch.setattr(train_module, "build_criterion", NaNAtFirstStep)
         assert _train(data, run) == 1
-        err = capsys.readouterr().err
+        err = _stderr(capsys)
         _no_traceback(err)
-        lines = err.splitlines()
+        lines = _error_lines(err)
         assert lines[0].startswith("error: non-finite loss at epoch 1, step 1/3")
         assert lines[1] == (f"Nothing was trained yet and {run} holds no checkpoint; once the "
                             "cause is fixed, the same command starts the run again (no "
@@ -384,9 +394,9 @@ def test_an_unexpected_error_after_the_first_step_saves_and_logs_the_traceback(
     monkeypatch.setattr(train_module, "evaluate", evaluate)
     run = tmp_path / "run"
     assert _train(data, run) == 1
-    err = capsys.readouterr().err
+    err = _stderr(capsys)
     _no_traceback(err)
-    assert err.splitlines() == [
+    assert _error_lines(err) == [
         "error: the run stopped on an unexpected error: TypeError: boom",
         f"Saved {run / 'last.npz'} (epoch 1, 3 of 3 steps done) before stopping; continue the "
         f"run with `python -m minidetr train --resume {run}` once the cause is fixed.",
@@ -403,9 +413,9 @@ def test_a_damaged_last_npz_offers_the_previous_one_and_best(tmp_path, capsys, s
     _truncate(run / "last.npz", keep=0.5)
     capsys.readouterr()
     assert main(["train", "--resume", str(run), "--no-progress"]) == 2
-    err = capsys.readouterr().err
+    err = _stderr(capsys)
     _no_traceback(err)
-    lines = err.splitlines()
+    lines = _error_lines(err)
     assert lines[0].startswith(f"error: {run / 'last.npz'}: damaged: not a readable .npz")
     best = load_checkpoint(run / "best.npz").progress["epoch"]
     assert lines[1] == (
@@ -426,7 +436,7 @@ def test_a_missing_last_npz_points_to_the_other_checkpoints(tmp_path, capsys, st
     shutil.copytree(straight, run)
     (run / "last.npz").unlink()
     assert main(["train", "--resume", str(run), "--no-progress"]) == 2
-    err = capsys.readouterr().err
+    err = _stderr(capsys)
     _no_traceback(err)
     assert err.startswith(f"error: cannot resume: {run} holds no last.npz. Resume from an "
                           "earlier checkpoint instead")
@@ -458,7 +468,7 @@ def test_a_corrupt_npy_member_is_reported_as_corruption_not_pickle(tmp_path, cap
     assert "pickle" not in str(err.value)
 
     assert main(["train", "--resume", str(run), "--no-progress"]) == 2
-    err = capsys.readouterr().err
+    err = _stderr(capsys)
     _no_traceback(err)
     assert err.startswith(f"error: {run / 'last.npz'}: damaged: archive member") and \
         "pickle" not in err
