@@ -23,3 +23,6 @@ they hold -- all read without PyTorch (docs/pretrained.md).
 """
 from .checkpoint import (FORMAT, Checkpoint, CheckpointError, check_model_state,  # noqa: F401
                          load_checkpoint, load_model_state, save_checkpoint)
+from .errors import WeightsFileError  # noqa: F401
+from .pth import PthError, UnsafePickleError, load_pth  # noqa: F401
+from .safetensors_io import SafetensorsError, load_safetensors, safetensors_metadata  # noqa: F401
