@@ -84,6 +84,9 @@ def check_image(path, image_id, expected_hw, ann_file, decode=False) -> ImageNot
                     image.draft(image.mode, (max(1, image.width // 8),
                                              max(1, image.height // 8)))
                 image.load()
+                if image.format == "PNG":      # an EXIF chunk after the pixels: seen now
+                    note.orientation = exif_orientation(image)
+                    size = raw_hw[::-1] if note.orientation in (5, 6, 7, 8) else raw_hw
     except FileNotFoundError:
         note.problem = f"{what}: file not found"
         return note
