@@ -41,7 +41,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from .transforms import Normalize
 
@@ -362,7 +362,12 @@ def load_rgb_image(path, image_id=None):
         return to_rgb8(apply_exif_orientation(image))
     except FileNotFoundError:
         raise DatasetError(f"{what}: file not found") from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+    except UnidentifiedImageError:
+        raise DatasetError(f"{what}: cannot decode (not an image file Pillow can read: "
+                           "corrupt, empty, or another format)") from None
+    except MemoryError:
+        raise
+    except Exception as e:       # OSError, SyntaxError, struct.error, ...: a damaged file
         raise DatasetError(f"{what}: cannot decode ({type(e).__name__}: {e}); the file is "
                            "corrupt, truncated or not an image") from None
 

@@ -91,9 +91,12 @@ def check_image(path, image_id, expected_hw, ann_file, decode=False) -> ImageNot
         note.problem = f"{what}: file not found"
         return note
     except UnidentifiedImageError:
-        note.problem = f"{what}: not an image file Pillow can read (corrupt, or another format)"
+        note.problem = (f"{what}: cannot {'decode' if decode else 'open'} (not an image "
+                        "file Pillow can read: corrupt, empty, or another format)")
         return note
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+    except MemoryError:
+        raise
+    except Exception as e:       # OSError, SyntaxError, struct.error, ...: a damaged file
         note.problem = (f"{what}: cannot {'decode' if decode else 'open'} "
                         f"({type(e).__name__}: {e}); the file is corrupt, truncated or not "
                         "an image")
