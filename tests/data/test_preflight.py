@@ -78,7 +78,7 @@ def test_a_corrupt_or_truncated_image_is_named_before_training(tmp_path):
     assert message.startswith(f"{ds.ann_file}: 2 of 3 val images failed the pre-flight check "
                               "(nothing was trained):")
     assert "0002.jpg (image id 2): cannot decode (OSError: " in message
-    assert "0003.jpg (image id 3): not an image file Pillow can read" in message
+    assert "0003.jpg (image id 3): cannot decode (not an image file Pillow can read" in message
     assert "0001.jpg" not in message
     # a header-only check cannot see the truncation (that is why small sets are decoded)
     with pytest.raises(DatasetError, match="1 of 3 val images") as err:
