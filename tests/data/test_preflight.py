@@ -181,3 +181,14 @@ def test_coco128_summary(shared_dir):
     assert [i for i, _ in summary.notes["without_objects"]] == [250, 508]
     assert sum(c for _, c in summary.notes["crowd_removed"]) == 10
     assert summary.rotated == []
+
+
+def test_large_splits_show_a_progress_bar(shapes_data, monkeypatch, capsys):
+    ds = CocoDetection(*shapes_data.split("val"), label_map="contiguous")
+    preflight(ds, "val")
+    assert "check val images" not in capsys.readouterr().err     # 4 images: no bar
+    monkeypatch.setattr(preflight_module, "PROGRESS_MIN", 4)
+    preflight(ds, "val")
+    assert "check val images" in capsys.readouterr().err
+    preflight(ds, "val", progress=False)
+    assert "check val images" not in capsys.readouterr().err
