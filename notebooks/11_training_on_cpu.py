@@ -35,7 +35,8 @@
 #
 # 1. the built-in shapes dataset (five coloured shapes, real COCO files);
 # 2. the `tiny` model and the recipe of the CPU demo;
-# 3. training, in about a minute, with every loss term recorded at every step;
+# 3. training (about a minute on an idle 2-core machine; the time printed below is this
+#    build's), with every loss term recorded at every step;
 # 4. COCO AP, recomputed from the checkpoint with `minidetr.training.evaluation`;
 # 5. detections drawn on validation images with `minidetr.training.plots`.
 #
