@@ -98,3 +98,18 @@ def test_masked_group_norm_gradients():
 
     gradcheck(fn, [rng.normal(size=(2, 4, 3, 4)), rng.normal(size=4), rng.normal(size=4)],
               name="masked_group_norm")
+
+
+def test_real_photos_alone_and_in_a_batch(shared_dir):
+    """Six coco128 photos of different sizes through the tiny preset's validation resize:
+    each one's detections are the same alone as in the padded batch of all six."""
+    from minidetr.data import load_rgb_image, make_transforms
+
+    files = sorted((shared_dir / "data" / "coco128" / "images").glob("*.jpg"))[:6]
+    transforms = make_transforms("val", "tiny")
+    no_boxes = {"boxes": np.zeros((0, 4), np.float32), "labels": np.zeros(0, np.int64)}
+    images = [transforms(load_rgb_image(f), dict(no_boxes))[0] for f in files]
+    assert len({img.shape for img in images}) > 1, "the photos should differ in size"
+    model = build_model(get_config("tiny", "refine", num_classes=80)).eval()
+    worst = _max_alone_vs_batched(model, images)
+    assert worst < 1e-5, f"coco128 photos: alone vs batched differ by {worst:.2e}"
