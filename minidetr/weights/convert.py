@@ -60,7 +60,9 @@ class ConversionReport:
 
     def lines(self) -> list:
         """The report as lines of text."""
-        out = [f"read {self.source} ({self.format}, {self.layout} layout): {self.kind}"]
+        layout, _, naming = self.layout.partition(", ")
+        out = [f"read {self.source} ({self.format}; {layout} layout"
+               + (f", {naming}" if naming else "") + f"): {self.kind}"]
         if isinstance(self.config, ModelConfig):
             c = self.config
             out.append(f"  model: backbone {c.backbone}, d_model {c.d_model}, {c.nheads} heads, "
@@ -312,7 +314,7 @@ def convert_detector(source, variant=None, config=None):
         state, dropped, layout = to_official(src.arrays)
     except LayoutError as e:
         raise CheckpointError(f"{where}: {e}") from None
-    naming = f" ({transformers_naming(src.arrays)})" if layout == "transformers" else ""
+    naming = f", {transformers_naming(src.arrays)} names" if layout == "transformers" else ""
     cfg, notes = infer_model_config(state, src.args, src.hf_config, variant, where)
     if config is not None:
         preset = get_config(config, cfg.variant, num_classes=cfg.num_classes)
