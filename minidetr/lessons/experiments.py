@@ -277,16 +277,18 @@ def collect(runs=RUNS, cache=CACHE, log=print, costs=True):
         results["settings"][name] = entry
     write_json(cache / RESULTS_PATH.name, results, indent=1)
     for name, file in CACHED_CHECKPOINTS.items():
-        source = Path(runs) / name / "last.npz"
-        if source.is_file():
-            ckpt = load_checkpoint(source)
-            state = {k: v.astype(np.float16) if v.dtype == np.float32 else v
-                     for k, v in ckpt.model_state.items()}
-            small = Checkpoint(state, model_config=ckpt.model_config,
-                               category_map=ckpt.category_map,
-                               progress={"history": ckpt.progress["history"]})
-            save_checkpoint(cache / file, small, overwrite=True)
-            log(f"cached {source} -> {cache / file}")
+        source, target = Path(runs) / name / "last.npz", cache / file
+        if not source.is_file() or (target.is_file()
+                                    and target.stat().st_mtime >= source.stat().st_mtime):
+            continue                                      # no run, or cached since it ended
+        ckpt = load_checkpoint(source)
+        state = {k: v.astype(np.float16) if v.dtype == np.float32 else v
+                 for k, v in ckpt.model_state.items()}
+        small = Checkpoint(state, model_config=ckpt.model_config,
+                           category_map=ckpt.category_map,
+                           progress={"history": ckpt.progress["history"]})
+        save_checkpoint(target, small, overwrite=True)
+        log(f"cached {source} -> {target}")
     return results
 
 
