@@ -63,25 +63,26 @@ def saved_key_list(variant) -> list[str]:
             return [f"{k} {tuple(f.get_slice(k).get_shape())}" for k in f.keys()]
 
 
+def write_list(name, header, lines):
+    path = OUT / name
+    path.write_text(f"# {header}\n" + "\n".join(lines) + "\n")
+    print(f"{path}: {len(lines)} keys")
+
+
 def main():
     import transformers
 
-    major = transformers.__version__.split(".")[0]
+    version = transformers.__version__
+    major = version.split(".")[0]
     OUT.mkdir(parents=True, exist_ok=True)
     for variant in ("plain", "refine", "two-stage"):
-        lines = saved_key_list(variant)
-        path = OUT / f"transformers{major}-saved-small-{variant}.txt"
-        path.write_text(f"# save_pretrained of minidetr's small preset ({variant}), transformers "
-                        f"{transformers.__version__}, its own ResNet-18: the keys in the file\n"
-                        + "\n".join(lines) + "\n")
-        print(f"{path}: {len(lines)} keys")
+        write_list(f"transformers{major}-saved-small-{variant}.txt",
+                   f"save_pretrained of minidetr's small preset ({variant}), transformers "
+                   f"{version}, its own ResNet-18: the keys in the file", saved_key_list(variant))
     for name, flags in HUB.items():
-        lines = key_list(flags)
-        path = OUT / f"transformers{major}-{name}.txt"
-        path.write_text(f"# SenseTime/{name}: DeformableDetrForObjectDetection state_dict, "
-                        f"transformers {transformers.__version__}, timm ResNet-50\n"
-                        + "\n".join(lines) + "\n")
-        print(f"{path}: {len(lines)} keys")
+        write_list(f"transformers{major}-{name}.txt",
+                   f"SenseTime/{name}: DeformableDetrForObjectDetection state_dict, transformers "
+                   f"{version}, timm ResNet-50", key_list(flags))
 
 
 if __name__ == "__main__":
