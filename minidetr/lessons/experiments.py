@@ -168,15 +168,16 @@ def _lock(out):
     return lock
 
 
-def step_cost(cfg, batch_size=8, image_size=96, steps=3, seed=0):
+def step_cost(cfg, batch_size=8, image_size=96, steps=5, seed=0):
     """Seconds and peak traced memory (MiB) of one training step of ``cfg`` on the CPU.
 
     A fixed batch of random images of ``image_size`` pixels with two boxes each; the
-    first step is a warm-up. Memory is the peak of Python's allocations during one step
+    first step is a warm-up, the time is the fastest of ``steps`` (on a shared machine
+    the fastest step is the one least slowed by other jobs). Memory is the peak of Python's allocations during one step
     (NumPy's arrays included), measured with :mod:`tracemalloc`.
 
     Returns:
-        dict(seconds=median over ``steps``, peak_mib=..., tokens=S of the encoder)
+        dict(seconds=fastest of ``steps``, peak_mib=..., tokens=S of the encoder)
     """
     from ..autograd import Tensor
     from ..models import build_criterion, build_model
@@ -211,7 +212,7 @@ def step_cost(cfg, batch_size=8, image_size=96, steps=3, seed=0):
     tracemalloc.stop()
     strides = (32,) if cfg.num_feature_levels == 1 else (8, 16, 32)
     tokens = sum((-(-image_size // s)) ** 2 for s in strides)           # ceil
-    return dict(seconds=float(np.median(times)), peak_mib=peak / 2**20, tokens=int(tokens))
+    return dict(seconds=float(np.min(times)), peak_mib=peak / 2**20, tokens=int(tokens))
 
 
 def trained_focus(checkpoint, num_images=16):
@@ -252,8 +253,13 @@ def read_run(run_dir):
             if line.strip()]
 
 
-def collect(runs=RUNS, cache=CACHE, log=print, costs=True):
-    """Gather every finished run into :data:`RESULTS_PATH` and cache the checkpoints."""
+def collect(runs=RUNS, cache=CACHE, log=print, costs=True, rounds=3):
+    """Gather every finished run into :data:`RESULTS_PATH` and cache the checkpoints.
+
+    The time per step of every setting is measured in ``rounds`` interleaved rounds and
+    the fastest kept, so that a burst of other work on a shared machine does not land on
+    one setting only.
+    """
     from ..weights.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
     cache = Path(cache)
     cache.mkdir(parents=True, exist_ok=True)
@@ -268,13 +274,17 @@ def collect(runs=RUNS, cache=CACHE, log=print, costs=True):
                  "model_config": stored["model_config"],
                  "train_config": stored["train_config"], "epochs": records,
                  "finished": (Path(runs) / name / "final_metrics.json").is_file()}
-        if costs:
-            entry["step_cost"] = step_cost(setting_config(name))
-            log(f"{name}: {entry['step_cost']}")
         if entry["finished"]:
             entry["focus"] = trained_focus(Path(runs) / name / "last.npz")
             log(f"{name}: attention focus after training {entry['focus']}")
         results["settings"][name] = entry
+    for _ in range(rounds if costs else 0):
+        for name, entry in results["settings"].items():
+            cost = step_cost(setting_config(name))
+            if "step_cost" not in entry or cost["seconds"] < entry["step_cost"]["seconds"]:
+                entry["step_cost"] = cost
+    for name, entry in results["settings"].items():
+        log(f"{name}: {entry.get('step_cost')}")
     write_json(cache / RESULTS_PATH.name, results, indent=1)
     for name, file in CACHED_CHECKPOINTS.items():
         source, target = Path(runs) / name / "last.npz", cache / file
