@@ -47,6 +47,31 @@ def no_grad():
         _grad_mode.enabled = previous
 
 
+# --------------------------------------------------------------------------- profiling
+# The profiler installed on this thread by :func:`profiling` (``bench profile``), else
+# None. Thread-local like grad mode; the only cost when off is one lookup per Function
+# application and one per backward walk.
+_profiling = threading.local()
+
+
+@contextmanager
+def profiling(profiler):
+    """Let ``profiler`` watch this thread's Functions and backward walks (restored on exit).
+
+    While active, ``Function.apply`` hands every application to
+    ``profiler.apply(cls, args, kwargs)`` (which runs it with ``cls._apply(*args, **kwargs)``),
+    and the backward engine runs each node through ``profiler.backward(node, grad)``
+    (which returns ``node.fn.backward(node.ctx, grad)``). Used by
+    :mod:`minidetr.bench.profile`; nothing else in minidetr installs a profiler.
+    """
+    previous = getattr(_profiling, "profiler", None)
+    _profiling.profiler = profiler
+    try:
+        yield profiler
+    finally:
+        _profiling.profiler = previous
+
+
 # --------------------------------------------------------------------------- helpers
 def unbroadcast(grad, shape):
     """Sum ``grad`` down to ``shape``: the backward of NumPy broadcasting.
@@ -165,6 +190,7 @@ class Tensor:
         grad = as_array(grad, dtype=self.dtype, like=self.data)
         _check_grad(grad, self, "backward() argument")
 
+        profiler = getattr(_profiling, "profiler", None)     # None unless bench profile
         order = _topological_order(self)
         grads = {id(self): grad}
         for t in reversed(order):
@@ -180,7 +206,10 @@ class Tensor:
             if node.ctx is None:
                 raise RuntimeError(f"the graph through {node.fn.__name__} was already freed "
                                    "by an earlier backward(); recompute the forward pass")
-            in_grads = node.fn.backward(node.ctx, g)
+            if profiler is None:
+                in_grads = node.fn.backward(node.ctx, g)
+            else:
+                in_grads = profiler.backward(node, g)
             if not isinstance(in_grads, tuple):
                 in_grads = (in_grads,)
             if len(in_grads) != len(node.inputs):
@@ -344,6 +373,14 @@ class Function:
 
     @classmethod
     def apply(cls, *args, **kwargs) -> Tensor:
+        """Run ``forward`` on the arrays of ``args``; record the Node when grad is needed."""
+        profiler = getattr(_profiling, "profiler", None)     # None unless bench profile
+        if profiler is not None:
+            return profiler.apply(cls, args, kwargs)
+        return cls._apply(*args, **kwargs)
+
+    @classmethod
+    def _apply(cls, *args, **kwargs) -> Tensor:
         raw = [a.data if isinstance(a, Tensor) else a for a in args]
         needs = tuple(isinstance(a, Tensor) and a.requires_grad for a in args)
         record = is_grad_enabled() and any(needs)

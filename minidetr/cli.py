@@ -9,7 +9,8 @@ Commands:
     bench               benchmarks: ``bench msda`` (multi-scale deformable attention),
                         ``bench train`` (training iterations, and transformers' if installed),
                         ``bench launches`` (GPU kernel launches per training step, counted
-                        on the CPU by minidetr.testing.fakecupy)
+                        on the CPU by minidetr.testing.fakecupy), ``bench profile``
+                        (where a CPU training step's time goes, by component)
     convert-checkpoint  released weights (``.pth``, ``.safetensors``) -> a minidetr ``.npz``
                         (no torch needed)
     check-reference     a converted checkpoint vs the published reference outputs
@@ -499,15 +500,22 @@ def _cmd_bench(args):
                           dtype=args.dtype, json_path=args.json)
     if args.what == "launches":
         from .bench.launches import bench_launches
-        bench_launches(config=args.config, variants=args.variant, batch=args.batch,
-                       size=args.size, json_path=args.json)
+        bench_launches(config=args.config, variants=args.variant,
+                       batch=2 if args.batch is None else args.batch, size=args.size,
+                       json_path=args.json)
+        return 0
+    if args.what == "profile":
+        from .bench.profile import bench_profile
+        bench_profile(config=args.config, variants=args.variant, batch=args.batch,
+                      size=args.size, iterations=args.iterations, warmup=args.warmup,
+                      json_path=args.json)
         return 0
     if args.what == "train":
         from .bench.train import bench_train
         return bench_train(config=args.config, variants=args.variant, device=args.device,
-                           batch=args.batch, size=args.size, iterations=args.iterations,
-                           warmup=args.warmup, compare_hf=not args.no_hf,
-                           json_path=args.json)
+                           batch=2 if args.batch is None else args.batch, size=args.size,
+                           iterations=args.iterations, warmup=args.warmup,
+                           compare_hf=not args.no_hf, json_path=args.json)
     raise SystemExit(f"unknown benchmark {args.what!r}")
 
 
@@ -774,8 +782,11 @@ def build_parser() -> argparse.ArgumentParser:
                                    "minidetr, and of transformers' Deformable DETR when "
                                    "transformers and torch are installed. launches: the GPU "
                                    "kernel launches of one training step by component and "
-                                   "call site, counted on the CPU (minidetr.testing.fakecupy).")
-    b.add_argument("what", choices=["msda", "train", "launches"], help="what to benchmark")
+                                   "call site, counted on the CPU (minidetr.testing.fakecupy). "
+                                   "profile: where a CPU training step's time goes, by "
+                                   "component (ms, %, Function calls, temporary bytes).")
+    b.add_argument("what", choices=["msda", "train", "launches", "profile"],
+                   help="what to benchmark")
     b.add_argument("--json", default=None, help="where to write the results as JSON "
                                                 "(default runs/bench/<what>.json)")
     b.add_argument("--backend", default="all",
@@ -787,20 +798,25 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--repeats", type=int, default=5,
                    help="msda: timed repetitions (median reported)")
     b.add_argument("--config", default="tiny", choices=CONFIGS,
-                   help="train, launches: model preset (default tiny)")
+                   help="train, launches, profile: model preset (default tiny)")
     b.add_argument("--variant", default="plain,refine,two-stage",
-                   help="train, launches: comma-separated variants (default all three)")
+                   help="train, launches, profile: comma-separated variants (default all "
+                        "three)")
     b.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="train: where to run (default: cuda when CuPy sees a GPU)")
-    b.add_argument("--batch", type=int, default=2,
-                   help="train, launches: images per iteration")
+    b.add_argument("--batch", type=int, default=None,
+                   help="train, launches, profile: images per iteration (default 2; "
+                        "profile: 8 for tiny, 2 for small, 1 for paper)")
     b.add_argument("--size", default=None,
-                   help="train, launches: image HEIGHTxWIDTH (default 128x128 for tiny, "
-                        "800x1066 for small and paper)")
+                   help="train, launches, profile: image HEIGHTxWIDTH (default 128x128 for "
+                        "tiny, 800x1066 for small and paper; profile: 128x128, 256x256, "
+                        "512x512)")
     b.add_argument("--iterations", type=int, default=5,
-                   help="train: timed iterations (median reported)")
+                   help="train, profile: timed iterations (median reported; profile: "
+                        "as many profiled, mean reported)")
     b.add_argument("--warmup", type=int, default=2,
-                   help="train: untimed iterations first (kernel compilation, caches)")
+                   help="train, profile: untimed iterations first (kernel compilation, "
+                        "caches)")
     b.add_argument("--no-hf", action="store_true",
                    help="train: skip transformers' model even when it is installed")
     b.set_defaults(func=_cmd_bench)

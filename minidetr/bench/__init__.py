@@ -1,4 +1,4 @@
-"""Benchmarks: ``python -m minidetr bench msda|train|launches``.
+"""Benchmarks: ``python -m minidetr bench msda|train|launches|profile``.
 
 ================  =====================================================================
 :mod:`.common`    shapes and inputs, timers, memory meters, machine info (shared)
@@ -8,6 +8,8 @@
 :mod:`.train`     whole training iterations: time, images/s, peak memory
 :mod:`.train_hf`  the same iteration of transformers' Deformable DETR (when installed)
 :mod:`.launches`  GPU kernel launches of one training step, counted on the CPU
+:mod:`.profile`   where a CPU training step's time goes: ms, %, Function calls and
+                  temporary bytes per component, forward and backward
 ================  =====================================================================
 
 Speed is measured here, never by timed tests; the numbers go into the docs.
