@@ -37,7 +37,9 @@ when none is installed the autograd core pays one attribute lookup per operation
 Also per component: the number of Function calls (forward applications and backward
 node calls) and the bytes of the arrays they newly allocate (every Function output and
 every input gradient that owns its memory; views are free). These are *temporary* bytes:
-most are freed within the step.
+most are freed within the step. A second table lists the 10 Functions (by class) whose
+own forward and backward take the most time, whatever component called them: where to
+look inside a slow component.
 
 The profiled iteration costs a little more than a plain one (the bookkeeping); the table
 also gives the median time of plain :func:`~minidetr.training.engine.train_step` calls
@@ -64,7 +66,8 @@ from .common import machine_info, parse_size, synthetic_batch, variant_names
 DEFAULT_JSON = Path("runs") / "bench" / "profile.json"
 DEFAULT_SHAPES = {"tiny": (8, "128x128"), "small": (2, "256x256"), "paper": (1, "512x512")}
 FORWARD, BACKWARD, STEP = "forward", "backward", "step"   # the passes of a row
-OTHER = ("other", STEP)                                    # the step's root scope
+OTHER = ("other", STEP)
+TOP_FUNCTIONS = 10                                    # the step's root scope
 STEP_ROWS = ("clipping", "AdamW", "other")               # neither forward nor backward
 COMPONENTS = ("backbone", "position encoding", "input projection", "transformer (other)",
               "encoder", "encoder msda", "decoder", "decoder msda", "heads", "matcher",
@@ -95,6 +98,7 @@ class StepProfiler:
         self.seconds = collections.Counter()
         self.calls = collections.Counter()
         self.bytes = collections.Counter()
+        self.function_seconds = collections.Counter()    # keyed by (Function name, pass)
         self.stack = [OTHER]
         self.last = clock()
 
@@ -124,6 +128,7 @@ class StepProfiler:
     def apply(self, cls, args, kwargs):
         """One Function application: run it, count it, tag its node with the scope."""
         suffix = self.op_scopes.get(cls)
+        start = self.clock()
         if suffix is None:
             result = cls._apply(*args, **kwargs)
             key = self.stack[-1]
@@ -131,6 +136,7 @@ class StepProfiler:
             key = (f"{self.stack[-1][0]} {suffix}", FORWARD)
             with self.scope(*key):
                 result = cls._apply(*args, **kwargs)
+        self.function_seconds[(cls.__name__, FORWARD)] += self.clock() - start
         self.calls[key] += 1
         self.bytes[key] += _owned_bytes(result.data)
         if result._node is not None:
@@ -141,7 +147,9 @@ class StepProfiler:
         """One node of the backward walk, charged to the component that created it."""
         key = (getattr(node.ctx, "profile_scope", "other"), BACKWARD)
         with self.scope(*key):
+            start = self.clock()
             grads = node.fn.backward(node.ctx, grad)
+            self.function_seconds[(node.fn.__name__, BACKWARD)] += self.clock() - start
         self.calls[key] += 1
         for g in grads if isinstance(grads, tuple) else (grads,):
             if g is not None:
@@ -299,7 +307,14 @@ def _rows(profiler, iterations):
                                    (FORWARD, BACKWARD, STEP)) // iterations,
                          bytes=sum(profiler.bytes[(name, p)] for p in
                                    (FORWARD, BACKWARD, STEP)) // iterations))
-    return dict(rows=rows, sum_ms=total_ms,
+    functions = []
+    for name in {k[0] for k in profiler.function_seconds}:
+        ms = [profiler.function_seconds[(name, p)] * 1e3 / iterations
+              for p in (FORWARD, BACKWARD)]
+        functions.append(dict(function=name, forward_ms=ms[0], backward_ms=ms[1],
+                              ms=sum(ms), percent=100 * sum(ms) / total_ms))
+    functions.sort(key=lambda f: -f["ms"])
+    return dict(rows=rows, functions=functions, sum_ms=total_ms,
                 calls=sum(profiler.calls.values()) // iterations,
                 bytes=sum(profiler.bytes.values()) // iterations)
 
@@ -318,6 +333,16 @@ def format_table(result) -> list:
                      f"{r['percent']:.1f} | {r['calls']} | {r['bytes'] / 2**20:.1f} |")
     lines.append(f"| **step** | | | **{result['sum_ms']:.1f}** | 100.0 | "
                  f"{result['calls']} | {result['bytes'] / 2**20:.1f} |")
+    return lines
+
+
+def format_functions(result, top=TOP_FUNCTIONS) -> list:
+    """The ``top`` Functions by time (their own forward and backward, every component)."""
+    lines = ["| Function | forward ms | backward ms | total ms | % of step |",
+             "|---|---:|---:|---:|---:|"]
+    for f in result["functions"][:top]:
+        lines.append(f"| {f['function']} | {f['forward_ms']:.1f} | {f['backward_ms']:.1f} | "
+                     f"{f['ms']:.1f} | {f['percent']:.1f} |")
     return lines
 
 
@@ -355,9 +380,12 @@ def bench_profile(config="tiny", variants="plain", batch=None, size=None, iterat
                  "plain warm-up")
         for line in format_table(r):
             print_fn(line)
+        print_fn(f"\nthe {TOP_FUNCTIONS} Functions that take the most time (all components):")
+        for line in format_functions(r):
+            print_fn(line)
         overhead = r["profiled_ms"] / r["plain_ms"] - 1
         print_fn(f"plain train_step: {r['plain_ms']:.1f} ms (median of {iterations}); "
-                 f"profiled: {r['profiled_ms']:.1f} ms ({overhead:+.0%} bookkeeping); rows "
+                 f"profiled: {r['profiled_ms']:.1f} ms ({overhead:+.0%} vs plain); rows "
                  f"sum to {r['sum_ms']:.1f} ms")
     path = Path(json_path) if json_path else DEFAULT_JSON
     write_json(path, dict(benchmark="profile", config=config, machine=machine_info("cpu"),
@@ -367,4 +395,4 @@ def bench_profile(config="tiny", variants="plain", batch=None, size=None, iterat
 
 
 __all__ = ["StepProfiler", "bench_profile", "profile_steps", "profiled_train_step",
-           "format_table", "COMPONENTS"]
+           "format_table", "format_functions", "COMPONENTS"]

@@ -10,7 +10,8 @@ import pytest
 from minidetr.autograd import Tensor, profiling
 from minidetr.bench.common import synthetic_batch
 from minidetr.bench.profile import (COMPONENTS, STEP_ROWS, StepProfiler, bench_profile,
-                                    format_table, profile_steps, profiled_train_step)
+                                    format_functions, format_table, profile_steps,
+                                    profiled_train_step)
 from minidetr.cli import main
 
 MODEL_ROWS = [c for c in COMPONENTS if c not in STEP_ROWS and c != "autograd engine"]
@@ -50,6 +51,11 @@ def test_the_table_prints_every_row(tiny_profile):
     assert lines[0].startswith("| component | forward ms | backward ms | total ms")
     assert len(lines) == 2 + len(COMPONENTS) + 1 and lines[-1].startswith("| **step** |")
     assert lines[2 + COMPONENTS.index("AdamW")].startswith("| AdamW | - | - |")
+    functions = {f["function"]: f for f in tiny_profile["functions"]}
+    assert functions["MSDeformAttnFunction"]["backward_ms"] > 0
+    assert sum(f["ms"] for f in functions.values()) < tiny_profile["sum_ms"]
+    top = format_functions(tiny_profile, top=3)
+    assert len(top) == 2 + 3 and top[0].startswith("| Function | forward ms")
 
 
 def _setup(seed=0):
