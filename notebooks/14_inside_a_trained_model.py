@@ -33,12 +33,13 @@
 #
 # Every claim has a number printed below its picture.
 #
-# The model is the `refine` setting of the experiments of notebooks 15–16 (the `tiny`
-# preset with iterative box refinement: $M = 4$ heads, $L = 3$ levels C3–C5 at strides
-# 8/16/32, $K = 2$ points, 2 encoder and 2 decoder layers), trained for 150 steps on the
-# shapes data by `python -m minidetr.lessons.experiments run refine` and cached as
-# `notebooks/cache/refine.npz` (float16). It is a briefly trained model: the picture is
-# of a detector part way through learning, not of a converged one.
+# The model is the `tiny` preset with iterative box refinement ($M = 4$ heads, $L = 3$
+# levels C3–C5 at strides 8/16/32, $K = 2$ points, 2 encoder and 2 decoder layers),
+# trained with the CPU demo's recipe on the shapes data for 8 epochs of 125 steps (the
+# demo: 16), about 4 minutes on 2 cores, by
+# `python -m minidetr.lessons.experiments run refine-long`, and cached as
+# `notebooks/cache/refine-long.npz` (float16). It detects the shapes well (its validation
+# AP is printed below) but is not trained to convergence.
 #
 # **Doc:** [model.md](../docs/model.md) (the forward pass) and
 # [deformable-attention.md](../docs/deformable-attention.md) (Eq. 2–3). **Code:**
@@ -62,8 +63,8 @@ from minidetr.lessons.trained import (held_out_shapes, layer_boxes, load_cached_
 from minidetr.models import build_criterion, build_model, build_postprocess
 
 SMALL = os.environ.get("MINIDETR_NOTEBOOK_PRESET") == "tiny"
-plt.rcParams["figure.dpi"] = 80
-CHECKPOINT = ex.CACHE / "refine.npz"
+plt.rcParams["figure.dpi"] = 64          # keeps the executed notebook small
+CHECKPOINT = ex.CACHE / "refine-long.npz"
 model, cfg, ckpt = load_cached_model(CHECKPOINT)
 names = [c["name"] for c in ckpt.category_map["categories"]] \
     if "categories" in ckpt.category_map else None
@@ -84,7 +85,7 @@ print("its training: " + ", ".join(f"epoch {h['epoch']} AP {h['AP']:.3f}" for h 
 # %%
 NUM_IMAGES = 8 if SMALL else 64
 batches = held_out_shapes(ex.DATA.parent / "shapes-heldout", NUM_IMAGES, batch_size=16,
-                          category_map=ckpt.category_map)
+                          category_map=ckpt.category_map, val_size=128)  # its recipe's size
 untrained = build_model(cfg).eval()              # the same architecture at initialisation
 recorded, recorded_init, outputs = [], [], []
 for batch in batches:
@@ -96,7 +97,7 @@ for batch in batches:
     recorded_init.append(records)
 ENC = [f"transformer.encoder.layers.{i}.self_attn" for i in range(cfg.enc_layers)]
 DEC = [f"transformer.decoder.layers.{i}.cross_attn" for i in range(cfg.dec_layers)]
-extent = tuple(batches[0].images.shape[2:])                     # every image is 96 x 96
+extent = tuple(batches[0].images.shape[2:])                     # every image is 128 x 128
 print(f"{NUM_IMAGES} held-out images of {extent}; recorded {sorted(recorded[0])}")
 
 postprocess = build_postprocess(cfg)
@@ -224,7 +225,7 @@ print(f"encoder layer 0, trained vs untrained on the same tokens: the sampling o
 # the decoder query matched to it (final layer, Hungarian matching) and sum its
 # attention weights per level, averaged over heads: three numbers per object that add up
 # to 1 (at initialisation each is $1/L = 0.33$). Objects are binned by their size
-# $\sqrt{wh}$ in pixels of the 96-pixel input, in three bins of equal counts.
+# $\sqrt{wh}$ in pixels of the 128-pixel input, in three bins of equal counts.
 
 # %%
 def level_mass(recs, name, outs):
@@ -295,7 +296,7 @@ for m in range(M):
     mean = offs.mean(0)
     head_rows.append((m, initial_dirs[m], np.degrees(np.arctan2(mean[1], mean[0])),
                       np.linalg.norm(mean), *w.mean(0)))
-    sample = offs[:: max(1, len(offs) // 2000)]
+    sample = offs[:: max(1, len(offs) // 800)]
     axes[m].scatter(sample[:, 0], sample[:, 1], s=2, alpha=0.3)
     axes[m].arrow(0, 0, *(2 * np.array([np.cos(np.radians(initial_dirs[m])),
                                         np.sin(np.radians(initial_dirs[m]))])),
@@ -349,30 +350,30 @@ print(f"the last layer's box beats the first layer's for {improved:.0%} of the o
 # Each point below is printed by a cell above; the checks at the end hold the notebook
 # to them.
 #
-# * **After 150 steps the sampling points have hardly left the ring.** §3: the encoder's
-#   offsets moved by a few hundredths of a level pixel on average; the medians and the
-#   90th percentiles of the lengths are those of the ring (1 and 2 pixels). The paper's
-#   recipe trains the offset projection with a learning rate $\times 0.1$, and this
-#   model has had 7 % of our own demo's schedule: the pictures of learned sampling points
-#   in the paper's appendix come from 50 epochs on COCO. (The decoder's lengths differ
-#   from the ring because its second layer samples inside *boxes*, whose size scales the
-#   offsets.)
-# * **The attention weights did move, much more.** §3: the encoder's weights differ from
-#   $1/(LK)$ by a large fraction of it; §4: the decoder's matched queries put most of their
-#   mass on level 0 (stride 8), against $1/3$ at initialisation.
-# * **Small objects do *not* lean on the fine level more than large ones, here.** §4: all
-#   three size bins put most mass on level 0, and the rank correlation of size with the
-#   level-0 mass is *positive* (larger objects a little more), with level 2 negative, a
-#   few standard errors from zero. The expectation "small objects use fine levels" is
-#   not what this briefly trained model does on the shapes data, whose objects all span
-#   a few C3 pixels; we report it as measured.
-# * **Heads specialise by level before they specialise by direction.** §5: each head's
-#   mean offset still points along its initial direction, but the heads share their mass
-#   between the levels differently (one head puts about 0.6 on level 0, another spreads
-#   it nearly evenly).
-# * **Refinement helps a little.** §6: the last layer's box has a higher mean IoU than the
-#   first layer's, and beats it for more than half of the objects (notebook 08 compares
-#   this with a model without refinement).
+# * **The sampling points move little, and inwards.** §3: after 1000 steps the encoder's
+#   offsets have moved by less than a tenth of a level pixel on average (under half a
+#   pixel at the 99th percentile), and on the two finer levels the median length has
+#   shrunk from the ring's 1.5 to about 1.3 (level 0) and 1.1 (level 1): the points are
+#   pulled towards their reference, not sent far away. The paper's recipe trains the
+#   offset projection with a learning rate $\times 0.1$, and this model has had half of our
+#   demo's schedule; the far-reaching points of the paper's appendix figures come from
+#   50 epochs on COCO. (The decoder's lengths differ from the ring because its second
+#   layer samples inside *boxes*, whose size scales the offsets.)
+# * **The attention weights move much more.** §3: the encoder's weights differ from
+#   $1/(LK)$ by more than half of it on average; §4: the decoder's matched queries put
+#   about 0.9 of their mass on level 0 (stride 8), against $1/3$ at initialisation.
+# * **Small objects do *not* lean on the fine level more than large ones, here.** §4:
+#   every size bin puts about 0.9 on level 0, and the rank correlation of size with the
+#   level-0 mass is *positive* (larger objects a little more), a few standard errors from
+#   zero. On the shapes data, where every object spans several C3 pixels, the finest
+#   level serves all sizes; the expectation "small objects use the fine levels" is not
+#   what this model does, and we report it as measured.
+# * **Heads keep their direction and share the levels differently.** §5: each head's
+#   mean offset still points along its initial direction (within a degree), while their
+#   mass on level 2 ranges from about 0.09 to 0.21: a modest specialisation by level.
+# * **Refinement works.** §6: the matched query's box improves from the first decoder
+#   layer to the second, in mean IoU by more than 0.1, for close to nine objects in ten
+#   (notebook 08 compares refine and plain models trained with one budget).
 
 # %% [markdown]
 # ## Exercises
@@ -405,11 +406,16 @@ for l in range(cfg.num_feature_levels):
                             [:, l] ** 2).sum(-1)), 4)))), "the untrained encoder is the ring"
 assert moved.max() > 0, "training moved the encoder's points at least a little"
 if not SMALL:       # the claims of the text, on the 64 held-out images of the full run
-    assert moved.mean() < 0.1 and reweighted.mean() > 0.2, (moved.mean(), reweighted.mean())
-    assert mass.mean(0)[0] > 0.5 and all(b[0] > 0.5 for b in bin_mass), bin_mass
-    assert size_corr[0] > 0 > size_corr[2], size_corr
-    assert max(r[4] for r in head_rows) - min(r[4] for r in head_rows) > 0.15, head_rows
-    assert iou["tracked"][-1].mean() > iou["tracked"][0].mean() and improved > 0.5
+    assert moved.mean() < 0.1 and np.percentile(moved, 99) < 0.5, moved.mean()
+    assert summary[("encoder", 0)][1] < 1.4 and summary[("encoder", 1)][1] < 1.2, summary
+    assert reweighted.mean() > 0.5, reweighted.mean()
+    assert mass.mean(0)[0] > 0.85 and all(b[0] > 0.85 for b in bin_mass), bin_mass
+    assert size_corr[0] > 0.1, size_corr
+    turn = [abs((r[2] - r[1] + 180) % 360 - 180) for r in head_rows]
+    assert max(turn) < 1.5, turn
+    level2 = [r[6] for r in head_rows]
+    assert max(level2) - min(level2) > 0.08, level2
+    assert iou["tracked"][-1].mean() - iou["tracked"][0].mean() > 0.1 and improved > 0.8
 assert np.allclose(mass.sum(1), 1, atol=1e-5), "level masses of a query sum to 1"
 assert iou["tracked"].shape == (cfg.dec_layers, len(size))
 assert 0 <= iou["tracked"].min() and iou["tracked"].max() <= 1

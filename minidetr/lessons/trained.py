@@ -67,7 +67,8 @@ def held_out_shapes(root, num_images, batch_size=8, seed=1, image_size=128,
     The experiments train and validate on the shapes data of seed 0; these images come
     from ``seed`` (default 1): the same distribution, other pictures. They are written
     under ``root`` once and go through the ``tiny`` validation transform, resized to the
-    experiments' validation size (``val_size``, default ``BUDGET["val_size"]``, 96 px).
+    experiments' validation size (``val_size``, default the ``tiny`` preset's 128 px, or
+    ``BUDGET["val_size"]`` if the budget sets one).
     Labels follow ``category_map`` (a checkpoint's ``category_map`` dict; default:
     contiguous 0..4).
 
@@ -75,12 +76,12 @@ def held_out_shapes(root, num_images, batch_size=8, seed=1, image_size=128,
         list of :class:`~minidetr.data.loader.Batch` (images (B, 3, H, W), mask (B, H, W),
         targets with normalised cxcywh ``boxes`` and contiguous ``labels``).
     """
-    from ..data import (CategoryMap, CocoDetection, collate, generate_shapes_dataset,
-                        make_transforms)
+    from ..data import (PRESETS, CategoryMap, CocoDetection, collate,
+                        generate_shapes_dataset, make_transforms)
     root = Path(root) / f"seed{seed}-{int(num_images)}x{image_size}"        # one per setting
     paths = generate_shapes_dataset(root, num_train=1, num_val=int(num_images),
                                     image_size=(image_size, image_size), seed=seed)
-    size = int(val_size or BUDGET["val_size"])
+    size = int(val_size or BUDGET.get("val_size") or PRESETS["tiny"].val_size)
     label_map = "contiguous" if category_map is None else CategoryMap.from_dict(category_map)
     data = CocoDetection(str(paths.val_images), str(paths.val_annotations),
                          transforms=make_transforms("val", "tiny", val_size=size,

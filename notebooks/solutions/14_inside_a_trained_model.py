@@ -40,9 +40,9 @@ def exercise_2():
     """Encoder attention mass per level for tokens inside objects (a C4 token is inside
     a box if its centre is): every token's masses sum to 1 over the levels, and the
     tokens inside objects split into the small and large bins."""
-    model, cfg, ckpt = load_cached_model(ex.CACHE / "refine.npz")
+    model, cfg, ckpt = load_cached_model(ex.CACHE / "refine-long.npz")
     batch = held_out_shapes(ex.DATA.parent / "shapes-heldout", 8, batch_size=8,
-                            category_map=ckpt.category_map)[0]
+                            category_map=ckpt.category_map, val_size=128)[0]
     with no_grad(), record_sampling(model) as records:
         model(Tensor(batch.images), batch.mask)
     enc = records["transformer.encoder.layers.0.self_attn"][0]
@@ -55,7 +55,7 @@ def exercise_2():
             inside = (np.abs(xs - cx) < w / 2) & (np.abs(ys - cy) < h / 2)    # (H, W)
             tokens = start + np.flatnonzero(inside)
             mass = enc["weights"][n, tokens].sum(-1).mean(1)                 # (T, L)
-            bins["small" if np.sqrt(w * h) * 96 < 24 else "large"].append(mass)
+            bins["small" if np.sqrt(w * h) * 128 < 32 else "large"].append(mass)
     for name, masses in bins.items():
         if masses:
             m = np.concatenate(masses)
