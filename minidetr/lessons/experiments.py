@@ -4,7 +4,8 @@ Every setting trains the ``tiny`` detector on the built-in shapes data with the 
 recipe (:data:`BUDGET`: the CPU demo's settings, fewer epochs) and differs from the
 baseline in one thing only (:data:`SETTINGS`): the number of sampling points K, the
 number of feature levels L, the attention (deformable or dense), or the variant (plain,
-refine, two-stage). Run them all (hours on 2 shared cores; minutes each alone)::
+refine, two-stage). Run them all (minutes per setting on 2 idle cores; one ``run`` at a
+time: on 2 cores, parallel runs, or a run beside other jobs, are many times slower)::
 
     python -m minidetr.lessons.experiments run                 # every setting, in order
     python -m minidetr.lessons.experiments run base dense-L1   # some of them
