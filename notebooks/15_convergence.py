@@ -117,11 +117,12 @@ for name, f in at_init.items():
 # Dense attention starts close to uniform over its $N_k$ keys (perplexity near $N_k$,
 # largest weight a small multiple of $1/N_k$); deformable attention starts *exactly*
 # uniform over its $LK$ points ($1/(LK)$, the zero-initialised weight projection), but
-# those points sit within $K$ pixels of the query. On $128 \times 128$ images the C5 map
-# (stride 32) has only $N_k = 16$ tokens, so $1/N_k$ is not small. At the paper's size it
-# is: the same measurement on one `DenseAttention` layer of the paper's width ($C = 256$,
-# $M = 8$) over the C5 map of an $800 \times 1333$ image ($25 \times 42 = 1050$ tokens) and
-# its DC5 map (stride 16, $4200$ tokens), with random unit-variance features:
+# those points sit within $K$ pixels of the query. On the runs' $96 \times 96$ images the
+# C5 map (stride 32) has only $N_k = 9$ tokens, so $1/N_k$ is not small; on all three
+# levels there are 189 tokens. At the paper's size it is: the same measurement on one
+# `DenseAttention` layer of the paper's width ($C = 256$, $M = 8$) over the C5 map of an
+# $800 \times 1333$ image ($25 \times 42 = 1050$ tokens) and its DC5 map (stride 16,
+# $4200$ tokens), with random unit-variance features:
 
 # %%
 rng = np.random.default_rng(SEED)
