@@ -143,14 +143,8 @@ def test_each_solution_file_matches_its_notebooks_exercises(path):
                                   f"{functions}")
 
 
-# Notebooks still without exercises; each must get an Exercises section (and leave this list).
-WITHOUT_EXERCISES_YET = {"08_iterative_refinement"}
-
-
 @pytest.mark.parametrize("notebook", [pytest.param(p, id=p.stem) for p in notebook_sources()])
 def test_every_notebook_has_exercises_with_a_solution_file(notebook):
-    if exercises_section(notebook) is None and notebook.stem in WITHOUT_EXERCISES_YET:
-        pytest.skip(f"{notebook.name}: exercises not written yet (WITHOUT_EXERCISES_YET)")
     assert exercises_section(notebook) is not None, (
         f"{notebook.name} has no Exercises section: end it with a markdown cell '## Exercises' "
         f"(3 to {MAX_EXERCISES} numbered exercises) before its final cell of asserts")
