@@ -132,3 +132,24 @@ def test_the_cli_runs_and_checks_its_options(tmp_path, capsys):
     with pytest.raises(ValueError, match="--size"):
         bench_profile(size="16x16")
     assert main(["bench", "profile", "--config", "tiny", "--batch", "0"]) == 2
+
+
+def test_the_docs_page_runs():
+    """docs/profile.md: its Python example runs; its commands parse with the real CLI."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    from minidetr.cli import build_parser
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "profile.md").read_text("utf-8")
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    assert blocks, "docs/profile.md has no python example"
+    for i, block in enumerate(blocks):
+        exec(compile(block, f"docs/profile.md python block {i}", "exec"), {})
+    commands = [line.split("#")[0] for block in re.findall(r"```bash\n(.*?)```", text, re.S)
+                for line in block.splitlines() if line.startswith("python -m minidetr ")]
+    assert commands, "docs/profile.md shows no command"
+    for line in commands:
+        args = build_parser().parse_args(shlex.split(line)[3:])
+        assert args.what in ("profile", "train"), line
