@@ -49,9 +49,14 @@ def no_grad():
 
 # --------------------------------------------------------------------------- profiling
 # The profiler installed on this thread by :func:`profiling` (``bench profile``), else
-# None. Thread-local like grad mode; the only cost when off is one lookup per Function
-# application and one per backward walk.
-_profiling = threading.local()
+# None. Thread-local like grad mode; the only cost when off is one attribute read per
+# Function application and one per backward walk (a class attribute gives the default:
+# ``getattr(local, name, None)`` on a missing name costs ten times more).
+class _Profiling(threading.local):
+    profiler = None
+
+
+_profiling = _Profiling()
 
 
 @contextmanager
@@ -64,7 +69,7 @@ def profiling(profiler):
     (which returns ``node.fn.backward(node.ctx, grad)``). Used by
     :mod:`minidetr.bench.profile`; nothing else in minidetr installs a profiler.
     """
-    previous = getattr(_profiling, "profiler", None)
+    previous = _profiling.profiler
     _profiling.profiler = profiler
     try:
         yield profiler
@@ -190,7 +195,7 @@ class Tensor:
         grad = as_array(grad, dtype=self.dtype, like=self.data)
         _check_grad(grad, self, "backward() argument")
 
-        profiler = getattr(_profiling, "profiler", None)     # None unless bench profile
+        profiler = _profiling.profiler                 # None unless bench profile
         order = _topological_order(self)
         grads = {id(self): grad}
         for t in reversed(order):
@@ -374,7 +379,7 @@ class Function:
     @classmethod
     def apply(cls, *args, **kwargs) -> Tensor:
         """Run ``forward`` on the arrays of ``args``; record the Node when grad is needed."""
-        profiler = getattr(_profiling, "profiler", None)     # None unless bench profile
+        profiler = _profiling.profiler                 # None unless bench profile
         if profiler is not None:
             return profiler.apply(cls, args, kwargs)
         return cls._apply(*args, **kwargs)

@@ -114,6 +114,20 @@ def test_backward_is_charged_to_the_creating_scope():
     assert np.array_equal(x.grad, np.full((2, 3), 2, np.float32))
 
 
+def test_a_profiler_watches_its_own_thread_only():
+    import threading
+
+    profiler = StepProfiler()
+    x = Tensor(np.ones(3, np.float32), requires_grad=True)
+    with profiling(profiler):
+        worker = threading.Thread(target=lambda: (x * 2).sum().backward())
+        worker.start()
+        worker.join()
+        assert profiler.calls.total() == 0, "another thread's Functions were counted"
+        (x * 2).sum()
+    assert profiler.calls.total() == 2
+
+
 def test_the_cli_runs_and_checks_its_options(tmp_path, capsys):
     out = tmp_path / "profile.json"
     code = main(["bench", "profile", "--config", "tiny", "--variant", "plain", "--batch", "1",
