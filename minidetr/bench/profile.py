@@ -51,6 +51,7 @@ Shapes: images (B, 3, H, W) with ``--batch`` B and ``--size`` H x W (defaults: 8
 from __future__ import annotations
 
 import collections
+import math
 import statistics
 import time
 from contextlib import contextmanager
@@ -66,8 +67,8 @@ from .common import machine_info, parse_size, synthetic_batch, variant_names
 DEFAULT_JSON = Path("runs") / "bench" / "profile.json"
 DEFAULT_SHAPES = {"tiny": (8, "128x128"), "small": (2, "256x256"), "paper": (1, "512x512")}
 FORWARD, BACKWARD, STEP = "forward", "backward", "step"   # the passes of a row
-OTHER = ("other", STEP)
-TOP_FUNCTIONS = 10                                    # the step's root scope
+OTHER = ("other", STEP)                                    # the step's root scope
+TOP_FUNCTIONS = 10                                         # rows of the Function table
 STEP_ROWS = ("clipping", "AdamW", "other")               # neither forward nor backward
 COMPONENTS = ("backbone", "position encoding", "input projection", "transformer (other)",
               "encoder", "encoder msda", "decoder", "decoder msda", "heads", "matcher",
@@ -79,10 +80,12 @@ class StepProfiler:
     """Exclusive time, Function calls and allocated bytes per ``(component, pass)``.
 
     Install it with ``with minidetr.autograd.profiling(profiler):`` so that the autograd
-    core calls :meth:`apply` and :meth:`backward`; open scopes with :meth:`scope` (or
-    let :meth:`attach` wrap a model, criterion and optimiser). ``seconds``, ``calls``
-    and ``bytes`` are Counters keyed by ``(component, pass)``, pass ``"forward"``,
-    ``"backward"`` or ``"step"`` (clipping, AdamW, the engine, other).
+    core calls :meth:`apply` and :meth:`backward`; open scopes with :meth:`scope` (and
+    let :meth:`attach` open those of a model's parts and of the matcher). ``seconds``,
+    ``calls`` and ``bytes`` are Counters keyed by ``(component, pass)``, pass
+    ``"forward"``, ``"backward"`` (the model's parts, the autograd engine) or ``"step"``
+    (clipping, AdamW, other); ``function_seconds`` is keyed by ``(Function name, pass)``.
+    Between :meth:`restart` and :meth:`finish`, every second lands in ``seconds``.
 
     Args:
         op_scopes: ``{Function subclass: suffix}``: applications of that Function open a
@@ -123,6 +126,10 @@ class StepProfiler:
     def restart(self):
         """Forget the time before now (call just before the step begins)."""
         self.last = self.clock()
+
+    def finish(self):
+        """Charge the time up to now to the scope on top (call when the step ends)."""
+        self._switch()
 
     # -- the autograd core's hooks (see minidetr.autograd.profiling)
     def apply(self, cls, args, kwargs):
@@ -172,20 +179,18 @@ class StepProfiler:
                  (model.transformer.decoder, "forward", "decoder")]
         parts += [(head, "forward", "heads") for head in [*model.class_embed,
                                                           *model.bbox_embed]]
-        wrapped = []
+        wrapped, matcher = [], criterion.matcher
         try:
             for obj, attr, component in parts:
                 if attr not in obj.__dict__:          # a module shared by two lists: once
                     object.__setattr__(obj, attr, self._scoped(getattr(obj, attr), component))
                     wrapped.append((obj, attr))
-            matcher = criterion.matcher
             criterion.matcher = self._scoped(matcher, "matcher")
             yield self
         finally:
             for obj, attr in wrapped:
                 del obj.__dict__[attr]
-            if "matcher" in locals():
-                criterion.matcher = matcher
+            criterion.matcher = matcher
 
     def _scoped(self, fn, component):
         def scoped(*args, **kwargs):
@@ -208,8 +213,6 @@ def profiled_train_step(model, criterion, optimizer, batch, profiler, *, clip_ma
     Returns the logged values, as ``train_step`` does. A test checks that both give
     bit-identical gradients and parameters.
     """
-    import math
-
     from ..optim import clip_grad_norm_
     from ..training.engine import batch_to_device, loss_values
 
@@ -281,7 +284,7 @@ def profile_steps(config="tiny", variant="plain", batch=None, size=None, iterati
             profiler.restart()
             profiled_train_step(model, criterion, optimizer, data, profiler,
                                 clip_max_norm=recipe.clip_max_norm)
-            profiler._switch()                    # charge the tail to "other"
+            profiler.finish()
             walls.append((time.perf_counter() - start) * 1e3)
     return dict(config=config, variant=variant, batch=batch, height=height, width=width,
                 iterations=iterations, warmup=warmup,
