@@ -34,6 +34,13 @@ records its scope when it is made, and the backward engine times each node's
 overhead. The profiler is installed explicitly with :func:`minidetr.autograd.profiling`;
 when none is installed the autograd core pays one attribute lookup per operation.
 
+The idea is the one of ``bench launches`` (:mod:`.launches`): a backward belongs to the
+component whose forward recorded the node. The forward side differs: ``launches`` names
+the component of each kernel from its call site (a walk up the Python stack), which
+suits counting; a time profile must also place the Python between two Functions, and a
+stack walk per Function would cost as much as a small Function itself, so the
+components here are scopes that the model's parts open and close.
+
 Also per component: the number of Function calls (forward applications and backward
 node calls) and the bytes of the arrays they newly allocate (every Function output and
 every input gradient that owns its memory; views are free). These are *temporary* bytes:
