@@ -29,12 +29,11 @@ from __future__ import annotations
 
 import collections
 import sys
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
-from ..autograd import Function
+from ..autograd import profiling
 from ..backend import transfer_guard
 from ..files import write_json
 from ..models.config import PRESETS as MODEL_PRESETS
@@ -86,23 +85,24 @@ def component_and_pass(frame):
     return forward_component(frame), "forward"
 
 
-@contextmanager
-def tagging_nodes():
-    """While active, each recorded autograd node keeps its creator's component in
-    ``ctx.component`` (``Function.apply`` is wrapped; restored on exit)."""
-    original = Function.__dict__["apply"]
+class NodeTagger:
+    """A profiler for :func:`minidetr.autograd.profiling`: each recorded autograd node keeps
+    the component of the code that created it in ``ctx.component``; backward runs as usual."""
 
-    def apply(cls, *args, **kwargs):
-        result = original.__func__(cls, *args, **kwargs)
-        if result._node is not None:
-            result._node.ctx.component = forward_component(sys._getframe(1))
+    def apply(self, cls, args, kwargs):
+        result = cls._apply(*args, **kwargs)
+        if result._node is not None:          # frame 1 is Function.apply, 2 its caller
+            result._node.ctx.component = forward_component(sys._getframe(2))
         return result
 
-    Function.apply = classmethod(apply)
-    try:
-        yield
-    finally:
-        Function.apply = original
+    def backward(self, node, grad):
+        return node.fn.backward(node.ctx, grad)
+
+
+def tagging_nodes():
+    """While active, each recorded autograd node keeps its creator's component in
+    ``ctx.component`` (through the autograd profiling hook; nothing is patched)."""
+    return profiling(NodeTagger())
 
 
 # --------------------------------------------------------------------------- one variant
