@@ -9,8 +9,77 @@ minimum, where), "Cast" and "Broadcasting in backward: unbroadcast".
 """
 from __future__ import annotations
 
+import math
+
+import numpy as np
+
 from ..autograd import Function, unbroadcast
 from ._util import operand, same_float_dtype
+
+
+# --------------------------------------------------------------------------- short inner loops
+# NumPy runs a broadcast operation as an outer loop over calls of an inner loop, and the
+# inner loop covers only the trailing axes over which every operand is either contiguous
+# or stretched (stride 0). In ``offsets / normalizer`` of deformable attention, offsets
+# (N, Lq, M, L, K, 2) and normalizer (1, 1, 1, L, 1, 2), the normalizer is stretched
+# over K but not over the last axis, so the inner loop is 2 elements long and the
+# division is 8x slower than a contiguous one. Copying the small operand stretched over
+# its trailing axes first, (1, 1, 1, L, K, 2) here, makes the inner loop L*K*2 long. The
+# values are the same (the copy only repeats elements), so the results are bit-identical.
+SHORT_RUN = 16       # inner loops shorter than this many elements are widened
+SMALL_OUTPUT = 4096  # below this many output elements the call overhead dominates anyway
+
+
+def _inner_run(shape, out_shape):
+    """Elements of NumPy's inner loop for an operand of ``shape`` (padded to the output's
+    rank) broadcast to ``out_shape``: the trailing output axes (size-1 axes skipped) over
+    which the operand is all stretched or all full."""
+    run, stretched = 1, None
+    for have, n in zip(reversed(shape), reversed(out_shape)):
+        if n == 1:
+            continue
+        if stretched is None:
+            stretched = have == 1
+        elif (have == 1) != stretched:
+            break
+        run *= n
+    return run
+
+
+def widen_inner(x, out_shape):
+    """``x`` itself, or a contiguous copy of ``x`` stretched over its trailing axes when
+    NumPy's inner loop for ``x`` broadcast to ``out_shape`` would be shorter than
+    ``SHORT_RUN`` elements and the copy is at most a quarter of the output.
+
+    Shapes: x (..., 1, ..., n) -> x or (..., out_shape[k], ..., out_shape[-1]) for the
+    last stretched axis k that gives a long enough inner loop; e.g. (1, 1, 1, 4, 1, 2)
+    for out (2, 1360, 8, 4, 4, 2) -> (1, 1, 1, 4, 4, 2).
+    """
+    n = len(out_shape)
+    shape = (1,) * (n - x.ndim) + tuple(x.shape)                       # padded to rank n
+    if _inner_run(shape, out_shape) >= SHORT_RUN:
+        return x
+    total = math.prod(out_shape)
+    for k in reversed(range(n)):
+        if shape[k] != 1 or out_shape[k] == 1:                         # not a stretched axis
+            continue
+        wide = shape[:k] + tuple(out_shape[k:])                        # stretched from axis k on
+        if 4 * math.prod(wide) > total:
+            return x
+        if _inner_run(wide, out_shape) >= SHORT_RUN:
+            return np.ascontiguousarray(np.broadcast_to(x.reshape(shape), wide))
+    return x
+
+
+def long_inner_loops(xp, a, b):
+    """``(a, b)`` with a small, awkwardly stretched operand widened (:func:`widen_inner`);
+    NumPy only (CuPy runs one thread per element and has no inner loop to lengthen)."""
+    if xp is not np or a.shape == b.shape:
+        return a, b
+    out_shape = np.broadcast_shapes(a.shape, b.shape)
+    if math.prod(out_shape) < SMALL_OUTPUT:
+        return a, b
+    return widen_inner(a, out_shape), widen_inner(b, out_shape)
 
 
 # --------------------------------------------------------------------------- binary
@@ -18,6 +87,7 @@ class Add(Function):
     @staticmethod
     def forward(ctx, a, b):
         ctx.shapes = (a.shape, b.shape)
+        a, b = long_inner_loops(ctx.xp, a, b)
         return a + b
 
     @staticmethod
@@ -32,6 +102,7 @@ class Sub(Function):
     @staticmethod
     def forward(ctx, a, b):
         ctx.shapes = (a.shape, b.shape)
+        a, b = long_inner_loops(ctx.xp, a, b)
         return a - b
 
     @staticmethod
@@ -46,20 +117,24 @@ class Mul(Function):
     @staticmethod
     def forward(ctx, a, b):
         ctx.save_for_backward(a, b)
+        a, b = long_inner_loops(ctx.xp, a, b)
         return a * b
 
     @staticmethod
     def backward(ctx, grad):
         a, b = ctx.saved_tensors
         na, nb = ctx.needs_input_grad
-        return (unbroadcast(grad * b, a.shape) if na else None,
-                unbroadcast(grad * a, b.shape) if nb else None)
+        ga, gb = long_inner_loops(ctx.xp, grad, b) if na else (None, None)
+        ha, hb = long_inner_loops(ctx.xp, grad, a) if nb else (None, None)
+        return (unbroadcast(ga * gb, a.shape) if na else None,
+                unbroadcast(ha * hb, b.shape) if nb else None)
 
 
 class Div(Function):
     @staticmethod
     def forward(ctx, a, b):
         ctx.save_for_backward(a, b)
+        a, b = long_inner_loops(ctx.xp, a, b)
         return a / b
 
     @staticmethod
@@ -67,7 +142,8 @@ class Div(Function):
         a, b = ctx.saved_tensors
         na, nb = ctx.needs_input_grad
         # d(a/b)/da = 1/b ; d(a/b)/db = -a/b^2
-        return (unbroadcast(grad / b, a.shape) if na else None,
+        g, b_wide = long_inner_loops(ctx.xp, grad, b) if na else (None, None)
+        return (unbroadcast(g / b_wide, a.shape) if na else None,
                 unbroadcast(-grad * a / (b * b), b.shape) if nb else None)
 
 
