@@ -26,28 +26,22 @@ Ctrl-C during training saves a checkpoint and exits with 130, SIGTERM with 143.
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 import sys
 import warnings
 from pathlib import Path
 
-# BLAS threads: the matrices of a model trained on a CPU here are small (d_model 64, a few
-# thousand tokens), where OpenBLAS's worker threads cost more than they give and fight with
-# the data-loading and Numba threads; on 2 busy cores one BLAS thread trains about 4x
-# faster. This must be set before NumPy is first imported (``python -m minidetr`` imports
-# nothing before this module); a value already in the environment wins.
-for _variable in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-    os.environ.setdefault(_variable, "1")
+# CPU threads (BLAS one thread per call, Numba's OpenMP workers passive) are set in
+# minidetr/__init__.py, which runs before this module and before NumPy is imported.
 
-from .backend import DeviceError  # noqa: E402  (after the BLAS setting)
-from .data import DatasetError  # noqa: E402
-from .files import DiskWriteError, write_json  # noqa: E402
-from .models.config import PRESETS as MODEL_PRESETS  # noqa: E402
-from .models.config import VARIANTS  # noqa: E402
-from .training.engine import NonFiniteLossError  # noqa: E402
-from .training.run_dir import RunError  # noqa: E402
-from .weights.checkpoint import CheckpointError  # noqa: E402
+from .backend import DeviceError
+from .data import DatasetError
+from .files import DiskWriteError, write_json
+from .models.config import PRESETS as MODEL_PRESETS
+from .models.config import VARIANTS
+from .training.engine import NonFiniteLossError
+from .training.run_dir import RunError
+from .weights.checkpoint import CheckpointError
 
 CONFIGS = tuple(MODEL_PRESETS)            # tiny, small, paper
 VARIANT_NAMES = tuple(VARIANTS)           # plain, refine, two-stage

@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import os
 
-# The tests use tiny arrays: BLAS threads only fight over the CI machine's two cores (and
-# pytest-xdist already runs two workers). Set before NumPy is imported.
-for _var in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+# The tests use tiny arrays: BLAS threads, and minidetr's own blocks of large products
+# (minidetr/functional/_parallel.py), only fight over the CI machine's two cores (and
+# pytest-xdist already runs two workers). tests/core/test_parallel.py sets the thread
+# count it tests explicitly. Set before NumPy is imported.
+for _var in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "MINIDETR_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
 from pathlib import Path
 

@@ -32,6 +32,7 @@ import numpy as np
 
 from ..autograd import Function
 from ..backend import get_array_module
+from ._parallel import batched_matmul, cpu_threads, matmul_sum, run_blocks
 from ._util import same_float_dtype
 
 
@@ -86,13 +87,18 @@ def im2col(x, kernel, stride, padding, dilation):
     if _is_pointwise(kernel, stride, padding):
         return x.reshape(N, C, H * W)                                  # (N, C, H*W)
     H_out, W_out = _out_size(H, kh, sh, ph, dh), _out_size(W, kw, sw, pw, dw)
-    x_pad = xp.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw))) if ph or pw else x
-    # x_pad: (N, C, H+2ph, W+2pw)
     cols = xp.empty((N, C, kh, kw, H_out, W_out), dtype=x.dtype)
-    for i in range(kh):
-        for j in range(kw):
-            ys, xs = _tap(i, dh, sh, H_out), _tap(j, dw, sw, W_out)
-            cols[:, :, i, j] = x_pad[:, :, ys, xs]                     # (N, C, H_out, W_out)
+
+    def unfold(c0, c1):                                                # channels c0 .. c1-1
+        x_c = x[:, c0:c1]
+        x_pad = xp.pad(x_c, ((0, 0), (0, 0), (ph, ph), (pw, pw))) if ph or pw else x_c
+        # x_pad: (N, c1-c0, H+2ph, W+2pw)
+        for i in range(kh):
+            for j in range(kw):
+                ys, xs = _tap(i, dh, sh, H_out), _tap(j, dw, sw, W_out)
+                cols[:, c0:c1, i, j] = x_pad[:, :, ys, xs]             # (N, c1-c0, H_out, W_out)
+
+    _by_channel_blocks(unfold, C, cols)
     return cols.reshape(N, C * kh * kw, H_out * W_out)                 # (N, C*kh*kw, P) P = H_out*W_out
 
 
@@ -116,14 +122,39 @@ def col2im(cols, x_shape, kernel, stride, padding, dilation):
         return cols.reshape(N, C, H, W)
     H_out, W_out = _out_size(H, kh, sh, ph, dh), _out_size(W, kw, sw, pw, dw)
     cols = cols.reshape(N, C, kh, kw, H_out, W_out)
-    image_pad = xp.zeros((N, C, H + 2 * ph, W + 2 * pw), dtype=cols.dtype)
-    for i in range(kh):
-        for j in range(kw):
-            ys, xs = _tap(i, dh, sh, H_out), _tap(j, dw, sw, W_out)
-            # Within one tap the slice hits distinct pixels, so a plain += is a correct
-            # scatter-add; overlaps between taps accumulate over the loop.
-            image_pad[:, :, ys, xs] += cols[:, :, i, j]                # (N, C, H_out, W_out)
-    return image_pad[:, :, ph:ph + H, pw:pw + W]                       # (N, C, H, W)
+    image = xp.empty((N, C, H, W), dtype=cols.dtype)
+
+    def fold(c0, c1):                                                  # channels c0 .. c1-1
+        image_pad = xp.zeros((N, c1 - c0, H + 2 * ph, W + 2 * pw), dtype=cols.dtype)
+        for i in range(kh):
+            for j in range(kw):
+                ys, xs = _tap(i, dh, sh, H_out), _tap(j, dw, sw, W_out)
+                # Within one tap the slice hits distinct pixels, so a plain += is a correct
+                # scatter-add; overlaps between taps accumulate over the loop.
+                image_pad[:, :, ys, xs] += cols[:, c0:c1, i, j]        # (N, c1-c0, H_out, W_out)
+        image[:, c0:c1] = image_pad[:, :, ph:ph + H, pw:pw + W]        # (N, c1-c0, H, W)
+
+    _by_channel_blocks(fold, C, cols)
+    return image                                                       # (N, C, H, W)
+
+
+_BLOCK_BYTES = 1 << 18      # column matrices below 256 KiB are unfolded in one block
+
+
+def _by_channel_blocks(work, C, big):
+    """Run ``work(c0, c1)`` over blocks of channels covering 0 .. C-1.
+
+    im2col and col2im treat every channel on its own, so blocks of channels can run on
+    separate threads (:mod:`._parallel`). Only a NumPy column matrix ``big`` of at least
+    ``_BLOCK_BYTES`` is split; everything else is one call ``work(0, C)``.
+    """
+    threads = cpu_threads()
+    if not isinstance(big, np.ndarray) or big.nbytes < _BLOCK_BYTES or threads <= 1 or C < 2:
+        work(0, C)
+        return
+    blocks = min(threads, C)
+    cuts = [C * k // blocks for k in range(blocks + 1)]
+    run_blocks(lambda b: work(cuts[b], cuts[b + 1]), blocks, threads)
 
 
 # --------------------------------------------------------------------------- conv2d
@@ -144,7 +175,7 @@ class Conv2d(Function):
         C_out, _, kh, kw = weight.shape
         geometry = ((kh, kw), stride, padding, dilation)
         cols = im2col(x, *geometry)                                    # (N, C_in*kh*kw, P)
-        out = weight.reshape(C_out, -1) @ cols                         # (N, C_out, P)
+        out = batched_matmul(weight.reshape(C_out, -1), cols)          # (N, C_out, P)
         if bias is not None:
             out += bias[:, None]
         ctx.save_for_backward(x, weight)
@@ -161,11 +192,11 @@ class Conv2d(Function):
         g = grad.reshape(N, C_out, -1)                                 # (N, C_out, P)
         grad_x = grad_w = grad_b = None
         if need_x:
-            grad_cols = weight.reshape(C_out, -1).T @ g                # (N, C_in*kh*kw, P)
+            grad_cols = batched_matmul(weight.reshape(C_out, -1).T, g)  # (N, C_in*kh*kw, P)
             grad_x = col2im(grad_cols, x.shape, *ctx.geometry)         # (N, C_in, H, W)
         if need_w:
             cols = im2col(x, *ctx.geometry)                            # (N, C_in*kh*kw, P)
-            grad_w = (g @ cols.transpose(0, 2, 1)).sum(axis=0)         # (C_out, C_in*kh*kw)
+            grad_w = matmul_sum(g, cols.transpose(0, 2, 1))            # (C_out, C_in*kh*kw)
             grad_w = grad_w.reshape(weight.shape)                      # (C_out, C_in, kh, kw)
         if need_b:
             grad_b = g.sum(axis=(0, 2))                                # (C_out,)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..autograd import Function, unbroadcast
+from ._parallel import matmul as parallel_matmul
 from ._util import operand, same_float_dtype, tensor_or_array
 
 
@@ -85,7 +86,8 @@ class Linear(Function):
 
     Shapes: x (..., in), W (out, in), b (out,) or None -> y (..., out). The leading axes
     of x are flattened into one axis of B rows, so forward and each backward product is a
-    single 2-D matrix product (the fastest thing NumPy/CuPy can do):
+    single 2-D matrix product (the fastest thing NumPy/CuPy can do; a large one is cut
+    into blocks over the CPU's cores by :func:`._parallel.matmul`, same numbers):
 
         forward   y2 = x2 W^T + b      (B, in) x (in, out) -> (B, out)
         backward  dx2 = g2 W           (B, out) x (out, in) -> (B, in)
@@ -97,7 +99,7 @@ class Linear(Function):
     def forward(ctx, x, weight, bias):
         out_features, in_features = weight.shape
         x2 = x.reshape(-1, in_features)                       # (B, in)
-        y2 = x2 @ weight.T                                    # (B, out)
+        y2 = parallel_matmul(x2, weight.T)                    # (B, out)
         if bias is not None:
             y2 += bias
         ctx.save_for_backward(x2, weight)
@@ -109,8 +111,8 @@ class Linear(Function):
         x2, weight = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad
         g2 = grad.reshape(-1, weight.shape[0])                # (B, out)
-        gx = (g2 @ weight).reshape(ctx.x_shape) if need_x else None    # (..., in)
-        gw = g2.T @ x2 if need_w else None                    # (out, in)
+        gx = parallel_matmul(g2, weight).reshape(ctx.x_shape) if need_x else None  # (..., in)
+        gw = parallel_matmul(g2.T, x2) if need_w else None    # (out, in)
         gb = g2.sum(axis=0) if need_b else None               # (out,)
         return gx, gw, gb
 

@@ -1,0 +1,215 @@
+"""The big CPU array operations on every core: matrix products cut into blocks.
+
+NumPy runs a matrix product on the BLAS library's own threads, and minidetr's command line
+sets ``OPENBLAS_NUM_THREADS=1`` (see ``minidetr/cli.py``): OpenBLAS's idle worker threads
+spin on the CPU while they wait for the next product, and on a small machine they steal
+it from the Numba kernels (the deformable attention) that run between two products. So
+minidetr splits the large products itself, on a small pool of Python threads that sleep
+when idle, each running a single-threaded BLAS product on its block (NumPy releases the
+GIL during the product):
+
+    a (M, K) @ b (K, N), M >= N:   out[rows] = a[rows] @ b        one block of rows each
+                         M <  N:   out[:, cols] = a @ b[:, cols]  one block of columns each
+
+Every element of ``out`` is still one dot product over the whole K axis, in one BLAS call.
+Where a block boundary falls, OpenBLAS may compute an element with its edge-tile kernel
+instead of its full-tile one, which can change the last bit or two of a float32 (the tests
+bound the difference); a given thread count always gives the same numbers. Small products
+run in the calling thread: handing a block to another thread costs ~20-50 microseconds,
+the time of a 2-4 MFLOP product.
+
+``run_blocks`` is the general tool (``conv.py`` uses it for im2col and col2im by blocks of
+channels), ``matmul`` and ``matmul_sum`` the two products the layers need.
+
+How many threads: ``MINIDETR_NUM_THREADS`` if set, else the CPUs this process may run on
+(``os.sched_getaffinity``). ``MINIDETR_NUM_THREADS=1`` turns all of this off. Arrays that
+are not NumPy arrays (CuPy) go straight to their own ``matmul``.
+"""
+from __future__ import annotations
+
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor, wait
+
+import numpy as np
+
+MIN_FLOPS = 4e6          # products below this many floating-point operations stay serial
+
+
+def cpu_threads() -> int:
+    """The number of threads the big CPU operations use (see the module docstring)."""
+    setting = os.environ.get("MINIDETR_NUM_THREADS", "").strip()
+    if setting:
+        try:
+            value = int(setting)
+        except ValueError:
+            raise ValueError(f"MINIDETR_NUM_THREADS must be a positive integer, got "
+                             f"{setting!r}") from None
+        if value < 1:
+            raise ValueError(f"MINIDETR_NUM_THREADS must be a positive integer, got {value}")
+        return value
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:                                  # not Linux
+        return os.cpu_count() or 1
+
+
+class _Pool:
+    """A lazily started thread pool of ``cpu_threads() - 1`` workers (the caller is one).
+
+    Rebuilt when the thread count changes, and forgotten in a forked child (its threads
+    do not exist there). A block that itself asks for blocks runs them serially: a worker
+    waiting for the pool it belongs to could wait forever.
+    """
+
+    def __init__(self):
+        self.executor = None
+        self.workers = 0
+        self.lock = threading.Lock()
+        self.inside = threading.local()
+
+    def executor_for(self, threads):
+        with self.lock:
+            if self.executor is None or self.workers != threads - 1:
+                if self.executor is not None:
+                    self.executor.shutdown(wait=False)
+                self.executor = ThreadPoolExecutor(threads - 1, thread_name_prefix="minidetr",
+                                                   initializer=self._mark_worker)
+                self.workers = threads - 1
+            return self.executor
+
+    def _mark_worker(self):
+        self.inside.worker = True
+
+    def in_worker(self):
+        return getattr(self.inside, "worker", False)
+
+    def forget(self):
+        self.executor, self.workers = None, 0
+        self.lock = threading.Lock()
+
+
+_POOL = _Pool()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_POOL.forget)
+
+
+def run_blocks(function, n_blocks, threads=None):
+    """Call ``function(i)`` for i in 0 .. n_blocks-1, spread over the CPU threads.
+
+    Block 0 runs in the calling thread, the others on the pool; returns the results in
+    order. An exception in any block is raised here, after all blocks have finished.
+    """
+    threads = cpu_threads() if threads is None else threads
+    if n_blocks <= 1 or threads <= 1 or _POOL.in_worker():
+        return [function(i) for i in range(n_blocks)]
+    executor = _POOL.executor_for(threads)
+    futures = [executor.submit(function, i) for i in range(1, n_blocks)]
+    try:
+        first = function(0)
+    finally:
+        wait(futures)                                  # never leave a block running
+    return [first] + [f.result() for f in futures]     # raises a block's exception
+
+
+def _bounds(length, parts):
+    """``parts + 1`` cut points splitting range(length) into nearly equal blocks."""
+    return [length * k // parts for k in range(parts + 1)]
+
+
+def _worth_splitting(a, b, flops):
+    return (isinstance(a, np.ndarray) and isinstance(b, np.ndarray) and flops >= MIN_FLOPS)
+
+
+def matmul(a, b, out=None, threads=None):
+    """``a @ b`` for 2-D arrays a (M, K), b (K, N) -> (M, N), large ones split over threads.
+
+    Args:
+        a, b: 2-D NumPy (or CuPy: passed through) arrays of one float dtype.
+        out: optional (M, N) array to write into.
+        threads: override of :func:`cpu_threads` (tests).
+
+    Row blocks when M >= N, column blocks otherwise (see the module docstring).
+    """
+    M, K = a.shape
+    N = b.shape[1]
+    threads = cpu_threads() if threads is None else threads
+    if threads <= 1 or not _worth_splitting(a, b, 2.0 * M * K * N) or max(M, N) < 2 * threads:
+        return a @ b if out is None else np.matmul(a, b, out=out)
+    if out is None:
+        out = np.empty((M, N), dtype=np.result_type(a, b))
+    cuts = _bounds(M if M >= N else N, threads)
+
+    def block(i):
+        lo, hi = cuts[i], cuts[i + 1]
+        if M >= N:
+            np.matmul(a[lo:hi], b, out=out[lo:hi])                 # (rows, K) @ (K, N)
+        else:
+            np.matmul(a, b[:, lo:hi], out=out[:, lo:hi])           # (M, K) @ (K, cols)
+
+    run_blocks(block, threads, threads)
+    return out
+
+
+def batched_matmul(a, b, threads=None):
+    """``a[n] @ b[n]`` for every n: a (B, M, K) or (M, K), b (B, K, N) or (K, N) -> (B, M, N).
+
+    With at least as many items as threads, each thread takes whole items; otherwise each
+    item is split by :func:`matmul`.
+    """
+    threads = cpu_threads() if threads is None else threads
+    B = a.shape[0] if a.ndim == 3 else b.shape[0]
+    M, K = a.shape[-2:]
+    N = b.shape[-1]
+    if threads <= 1 or not _worth_splitting(a, b, 2.0 * B * M * K * N):
+        return a @ b
+    out = np.empty((B, M, N), dtype=np.result_type(a, b))
+    item_a = (lambda n: a[n]) if a.ndim == 3 else (lambda n: a)
+    item_b = (lambda n: b[n]) if b.ndim == 3 else (lambda n: b)
+    if B < threads:
+        for n in range(B):
+            matmul(item_a(n), item_b(n), out=out[n], threads=threads)
+        return out
+    cuts = _bounds(B, threads)
+
+    def block(i):
+        for n in range(cuts[i], cuts[i + 1]):
+            np.matmul(item_a(n), item_b(n), out=out[n])            # (M, K) @ (K, N)
+
+    run_blocks(block, threads, threads)
+    return out
+
+
+def matmul_sum(a, b, threads=None):
+    """``sum_n a[n] @ b[n]``: a (B, M, K), b (B, K, N) -> (M, N), without B partial products.
+
+    The weight gradient of a convolution. Each thread sums its items' products in its own
+    (M, N) buffer; the buffers are added at the end (one per thread, not one per item).
+    With fewer items than threads, each product is split by :func:`matmul` instead.
+    """
+    threads = cpu_threads() if threads is None else threads
+    B, M, K = a.shape
+    N = b.shape[-1]
+    if threads <= 1 or not _worth_splitting(a, b, 2.0 * B * M * K * N):
+        return (a @ b).sum(axis=0)
+    if B < threads:
+        total = matmul(a[0], b[0], threads=threads)
+        for n in range(1, B):
+            total += matmul(a[n], b[n], threads=threads)
+        return total
+    cuts = _bounds(B, threads)
+
+    def block(i):
+        lo, hi = cuts[i], cuts[i + 1]
+        total = np.matmul(a[lo], b[lo])                            # (M, N)
+        if hi - lo > 1:
+            product = np.empty_like(total)
+            for n in range(lo + 1, hi):
+                total += np.matmul(a[n], b[n], out=product)
+        return total
+
+    partial = run_blocks(block, threads, threads)
+    total = partial[0]
+    for p in partial[1:]:
+        total += p
+    return total
