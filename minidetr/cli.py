@@ -509,7 +509,8 @@ def _cmd_bench(args):
         return bench_train(config=args.config, variants=args.variant, device=args.device,
                            batch=2 if args.batch is None else args.batch, size=args.size,
                            iterations=args.iterations, warmup=args.warmup,
-                           compare_hf=not args.no_hf, json_path=args.json)
+                           compare_hf=not args.no_hf, json_path=args.json,
+                           torch_threads=args.torch_threads)
     raise SystemExit(f"unknown benchmark {args.what!r}")
 
 
@@ -813,6 +814,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "caches)")
     b.add_argument("--no-hf", action="store_true",
                    help="train: skip transformers' model even when it is installed")
+    b.add_argument("--torch-threads", type=int, default=None,
+                   help="train: torch's CPU threads for transformers' rows (default: as many "
+                        "as minidetr uses, MINIDETR_NUM_THREADS or every core)")
     b.set_defaults(func=_cmd_bench)
 
     c = sub.add_parser("convert-checkpoint",

@@ -246,7 +246,10 @@ def machine_info(device="cpu"):
     """What the numbers depend on: CPU count, Numba threads, load, versions; and, on
     ``device="cuda"``, the GPU's name and CuPy's version."""
     info = dict(platform=platform.platform(), cpu_count=os.cpu_count(),
-                numpy=np.__version__, load_average_1min=os.getloadavg()[0])
+                numpy=np.__version__, load_average_1min=os.getloadavg()[0],
+                thread_settings={name: os.environ.get(name) for name in (
+                    "MINIDETR_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
+                    "OMP_NUM_THREADS", "OMP_WAIT_POLICY", "NUMBA_NUM_THREADS")})
     try:
         import numba
         info.update(numba=numba.__version__, numba_threads=numba.get_num_threads())

@@ -155,14 +155,35 @@ def torch_cuda_time_ms(step):
     return start.elapsed_time(end)
 
 
-def bench_hf(config, variant, device, batch, height, width, *, iterations, warmup, seed=0):
-    """One row: transformers' training iteration for ``config``/``variant``."""
+def bench_hf(config, variant, device, batch, height, width, *, iterations, warmup, seed=0,
+             threads=None):
+    """One row: transformers' training iteration for ``config``/``variant``.
+
+    ``threads``: torch's CPU threads for this row (restored afterwards); None keeps
+    torch's setting. ``bench_train`` passes minidetr's own thread count, so that both
+    frameworks use the same cores: torch reads ``MKL_NUM_THREADS``/``OMP_NUM_THREADS``
+    when it starts, and ``import minidetr`` sets ``MKL_NUM_THREADS=1`` (its BLAS calls
+    are single-threaded; minidetr splits the products itself), which alone would leave
+    torch one thread.
+    """
     import torch
     import transformers
 
     from ..models.config import get_config
 
-    cfg = get_config(config, variant)
+    previous = torch.get_num_threads()
+    if threads is not None and device == "cpu":
+        torch.set_num_threads(threads)
+    try:
+        return _bench_hf_row(torch, transformers, get_config(config, variant), device, batch,
+                             height, width, iterations=iterations, warmup=warmup, seed=seed)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _bench_hf_row(torch, transformers, cfg, device, batch, height, width, *, iterations,
+                  warmup, seed):
+
     memory = TorchCudaMemory() if device == "cuda" else CpuMemory()
     model = build_hf_model(cfg, device, seed)
     trained = [p for p in model.parameters() if p.requires_grad]
