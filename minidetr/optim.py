@@ -23,12 +23,24 @@ All updates happen in place on ``p.data`` and the moments live on the parameter'
 (NumPy or CuPy), in its dtype. ``state_dict()`` holds only NumPy arrays and Python
 numbers, so a checkpoint written on a GPU resumes on a CPU and vice versa.
 
-On the GPU the update above, written one array operation per line, is 14 kernel launches
-per parameter. ``AdamW(..., fused=None)`` (the default) runs it there as one launch of a
-kernel that does the same arithmetic in the same order
-(:mod:`minidetr.ops.adamw_kernel`). On NumPy arrays the readable lines of
-:meth:`AdamW.step` are the update, and they stay the reference that the fused kernel is
-tested against.
+The readable lines of :meth:`AdamW.step`, one array operation per line, are the
+reference. They are slow where they run: 14 operations per parameter, so 14 kernel
+launches on the GPU, and on the CPU 14 passes over memory on one thread, 8 of them into
+temporaries of the parameter's size. So ``AdamW(..., fused=None)`` (the default) runs
+each parameter's update as one fused kernel that does the same arithmetic in the same
+order, in the parameter's dtype:
+
+* a CuPy array: one launch of :mod:`minidetr.ops.adamw_kernel` (a CuPy ElementwiseKernel);
+* a float32 or float64 C-ordered NumPy array: one pass of :mod:`minidetr.ops.adamw_cpu`
+  (Numba, on all threads for large parameters), bit for bit the lines' result;
+* any other NumPy array (float16, Fortran order): the readable lines.
+
+``fused=False`` always runs the readable lines; ``fused=True`` refuses (before updating
+anything) a parameter that neither kernel takes.
+
+:func:`clip_grad_norm_` on NumPy float32/float64 gradients sums the squares in one pass
+per gradient with :mod:`minidetr.ops.grad_norm_cpu` (the same float64 sums, added in
+another order) and skips the scaling pass when there is nothing to clip.
 """
 from __future__ import annotations
 
@@ -39,7 +51,7 @@ import numpy as np
 
 from .autograd import Tensor
 from .backend import device_of, get_array_module, is_cupy_array, to_device, to_numpy
-from .ops import adamw_kernel
+from .ops import adamw_cpu, adamw_kernel, grad_norm_cpu
 
 _GROUP_KEYS = ("params", "lr", "betas", "eps", "weight_decay", "name")
 
@@ -53,10 +65,12 @@ class AdamW:
             ``{"params": [...], "lr": ..., "betas": ..., "eps": ..., "weight_decay": ...,
             "name": ...}`` where every key but "params" is optional (defaults below).
         lr, betas, eps, weight_decay: the defaults of every group.
-        fused: how CuPy parameters are updated. ``None`` (default): one fused kernel per
-            parameter on CuPy arrays, the readable array operations on NumPy arrays.
-            ``False``: always the readable operations. ``True``: always the fused kernel
-            (a NumPy parameter is then an error). Both give the same numbers.
+        fused: how each parameter is updated. ``None`` (default): one fused kernel per
+            parameter, the GPU kernel on CuPy arrays, the Numba kernel on float32/float64
+            C-ordered NumPy arrays, the readable array operations on any other.
+            ``False``: always the readable operations (the reference). ``True``: always a
+            fused kernel (a parameter that none takes is then an error). All give the
+            same numbers (see the module docstring).
     """
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
@@ -119,24 +133,41 @@ class AdamW:
             for p in group["params"]:
                 p.grad = None
 
-    def _uses_fused_kernel(self, data) -> bool:
-        """Whether the parameter array ``data`` is updated by the fused kernel."""
-        return is_cupy_array(data) if self.fused is None else self.fused
+    def _kernel_for(self, p, state) -> str:
+        """How parameter ``p`` (with a gradient) is updated: ``"gpu"`` (the CuPy kernel of
+        :mod:`minidetr.ops.adamw_kernel`), ``"cpu"`` (the Numba kernel of
+        :mod:`minidetr.ops.adamw_cpu`) or ``"readable"`` (the lines of :meth:`step`).
+
+        ``state`` is the parameter's state, or None before its first step.
+        """
+        if self.fused is False:
+            return "readable"
+        if is_cupy_array(p.data):
+            return "gpu"
+        moments = (None, None) if state is None else (state["exp_avg"], state["exp_avg_sq"])
+        if adamw_cpu.why_not_fused(p.data, p.grad, *moments) is None:
+            return "cpu"
+        return "readable"
 
     def _check_fused_parameters(self):
-        """With ``fused=True``, every parameter with a gradient must be a CuPy array.
+        """With ``fused=True``, a fused kernel must take every parameter with a gradient.
 
         Checked before any update, so that an error leaves every parameter as it was.
         """
         for i, group in enumerate(self.param_groups):
             for p in group["params"]:
-                if p.grad is not None and not is_cupy_array(p.data):
+                if p.grad is None or is_cupy_array(p.data):
+                    continue
+                state = self.state.get(id(p))
+                moments = (None, None) if state is None else (state["exp_avg"],
+                                                              state["exp_avg_sq"])
+                reason = adamw_cpu.why_not_fused(p.data, p.grad, *moments)
+                if reason is not None:
                     where = f"group {i}" + (f" ({group['name']!r})" if "name" in group else "")
-                    raise TypeError(f"AdamW(fused=True) updates CuPy (GPU) arrays only, but a "
-                                    f"parameter of {where} with shape {tuple(p.shape)} is a "
-                                    f"{type(p.data).__module__} array; use fused=None (fused "
-                                    "on the GPU, readable on the CPU) or move the model to "
-                                    "the GPU")
+                    raise TypeError(f"AdamW(fused=True): no fused kernel can update the "
+                                    f"parameter of {where} with shape {tuple(p.shape)}: "
+                                    f"{reason}. Use fused=None (such parameters then get "
+                                    "the readable update)")
 
     def step(self):
         """One AdamW update of every parameter that has a gradient (in place)."""
@@ -150,6 +181,7 @@ class AdamW:
                 if g is None:
                     continue
                 state = self.state.get(id(p))
+                kernel = self._kernel_for(p, state)
                 if state is None:
                     xp = get_array_module(p.data)
                     state = {"step": 0, "exp_avg": xp.zeros_like(p.data),
@@ -158,13 +190,17 @@ class AdamW:
                 state["step"] += 1
                 t = state["step"]
                 m, v = state["exp_avg"], state["exp_avg_sq"]
-                if self._uses_fused_kernel(p.data):         # the lines below, one launch
-                    kernel = adamw_kernel.kernel_for(get_array_module(p.data))
-                    adamw_kernel.fused_step(kernel, p.data, g, m, v, lr=lr, beta1=beta1,
-                                            beta2=beta2, eps=eps, weight_decay=wd, step=t)
+                if kernel == "gpu":                         # the lines below, one launch
+                    adamw_kernel.fused_step(adamw_kernel.kernel_for(get_array_module(p.data)),
+                                            p.data, g, m, v, lr=lr, beta1=beta1, beta2=beta2,
+                                            eps=eps, weight_decay=wd, step=t)
+                    continue
+                if kernel == "cpu":                         # the lines below, one pass
+                    adamw_cpu.fused_step(p.data, g, m, v, lr=lr, beta1=beta1, beta2=beta2,
+                                         eps=eps, weight_decay=wd, step=t)
                     continue
 
-                # The readable update, one array operation per line (on CuPy: 14 launches).
+                # The readable update, one array operation per line (the reference).
                 p.data *= 1.0 - lr * wd                     # decoupled weight decay
                 m *= beta1
                 m += (1.0 - beta1) * g                      # m = b1 m + (1 - b1) g
@@ -252,22 +288,39 @@ def clip_grad_norm_(params, max_norm: float, *, host: bool = True):
     scalar array on the gradients' device. The factor is computed there too, so with
     ``host=False`` no value leaves the GPU (the training step reads the norm later,
     together with its losses, in one copy).
+
+    On NumPy float32/float64 gradients each sum(g^2) is one pass without temporaries
+    (:func:`minidetr.ops.grad_norm_cpu.sum_of_squares`: the squares rounded as in
+    ``g * g``, summed in float64 in another order, so the norm can differ from the
+    readable line's in the last bits), and when the factor is 1 the gradients are not
+    touched at all.
     """
     if not isinstance(max_norm, numbers.Real) or not max_norm > 0:
         raise ValueError(f"clip_grad_norm_: max_norm must be > 0, got {max_norm!r}")
     params = [params] if isinstance(params, Tensor) else list(params)
     unique = {id(p): p for p in params}.values()           # a shared tensor counts once
-    grads = [p.grad for p in unique if p.grad is not None]
+    with_grad = [p for p in unique if p.grad is not None]
+    grads = [p.grad for p in with_grad]
     if not grads:
         return 0.0
     xp = get_array_module(*grads)
-    # One squared sum per parameter, accumulated in float64.
-    squares = xp.stack([xp.sum(g * g, dtype=xp.float64) for g in grads])
-    total = xp.sqrt(squares.sum())                         # float64 scalar
+    on_cpu = xp is np and all(g.dtype in grad_norm_cpu.DTYPES for g in grads)
+    if on_cpu:
+        # The same sums in one pass per gradient, no temporaries (Numba).
+        total = np.float64(math.sqrt(math.fsum(grad_norm_cpu.sum_of_squares(g)
+                                               for g in grads)))
+    else:
+        # One squared sum per parameter, accumulated in float64 (the reference).
+        squares = xp.stack([xp.sum(g * g, dtype=xp.float64) for g in grads])
+        total = xp.sqrt(squares.sum())                     # float64 scalar
     scale = xp.minimum(max_norm / (total + 1e-6), 1.0)     # float64 scalar
+    if on_cpu and scale == 1.0:
+        # Nothing to clip, and g * 1 == g: skip the pass. (On a GPU this test would wait
+        # for the device; there the multiplication by 1 runs.) A NaN scale is not 1.
+        return float(total) if host else total
     factor = {dtype: scale.astype(dtype) for dtype in {g.dtype for g in grads}}
-    for g in grads:
-        g *= factor[g.dtype]                               # float32 grads stay float32
+    for p in with_grad:                        # float32 grads stay float32
+        p.grad *= factor[p.grad.dtype]         # in place (a NumPy scalar, as a 0-d's, rebound)
     return float(total) if host else total
 
 

@@ -295,26 +295,28 @@ def test_fused_kernel_first_step_closed_form():
     assert_allclose(v, 0.001 * g * g, rtol=1e-12, what="exp_avg_sq after step 1")
 
 
-def test_fused_option_on_numpy_arrays():
-    p = nn.Parameter(np.array([1.0, 2.0]))
-    p.grad = np.array([0.5, -0.5])
-    with pytest.raises(TypeError, match=r"AdamW\(fused=True\) updates CuPy .* group 0 .* "
-                                        r"shape \(2,\) is a numpy array"):
+def test_fused_option_errors():
+    """fused=True with a parameter no kernel takes (float16 on NumPy) names it; the CPU
+    kernel itself is tested in test_adamw_cpu.py."""
+    p = nn.Parameter(np.array([1.0, 2.0], np.float16))
+    p.grad = np.array([0.5, -0.5], np.float16)
+    with pytest.raises(TypeError, match=r"AdamW\(fused=True\): no fused kernel .* group 0 .* "
+                                        r"shape \(2,\): its dtype is float16"):
         AdamW([p], fused=True).step()
     assert p.data.tolist() == [1.0, 2.0]                     # nothing was updated
     with pytest.raises(ValueError, match="fused must be None, True or False"):
         AdamW([p], fused="auto")
 
 
-def test_fused_none_on_numpy_uses_the_readable_chain(monkeypatch):
+def test_fused_none_on_numpy_never_builds_the_gpu_kernel(monkeypatch):
     def no_kernel(xp):
-        raise AssertionError("a kernel was requested for NumPy arrays")
+        raise AssertionError("a GPU kernel was requested for NumPy arrays")
 
     monkeypatch.setattr(adamw_kernel, "kernel_for", no_kernel)
     p = nn.Parameter(np.array([1.0, 2.0]))
     p.grad = np.array([0.5, -0.5])
     AdamW([p], lr=0.1, weight_decay=0.0).step()
-    assert_allclose(p.data, [0.9, 2.1], rtol=1e-7, what="one readable step")
+    assert_allclose(p.data, [0.9, 2.1], rtol=1e-7, what="one step on the CPU")
 
 
 # --------------------------------------------------------------------------- nvcc
