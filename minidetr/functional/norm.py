@@ -21,11 +21,16 @@ Shapes:
 
 Derivation: docs/autograd.md, sections "Standardisation: the core of layer norm and group
 norm", "Layer normalisation", "Group normalisation" and "Frozen batch normalisation".
+
+Fast path: for NumPy float32/float64 C-contiguous arrays, LayerNorm and FrozenBatchNorm
+run fused Numba kernels (:mod:`.norm_cpu`) instead of the NumPy code below, which stays
+the reference (used on CuPy, and by the tests that compare the two).
 """
 from __future__ import annotations
 
 from ..autograd import Function, Tensor
 from ..backend import get_array_module
+from . import norm_cpu
 from ._util import same_float_dtype
 
 
@@ -64,6 +69,11 @@ class LayerNorm(Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, eps):
+        ctx.fused = x.size > 0 and norm_cpu.applies(x, weight, bias)
+        if ctx.fused:       # one Numba kernel; saves x and the row statistics, not x_hat
+            y, mean, rstd = norm_cpu.layer_norm_forward(x, weight, bias, eps)  # (R,) each
+            ctx.save_for_backward(x, mean, rstd, weight)
+            return y
         x_hat, rstd = _standardize(x, eps)                             # (..., C), (..., 1)
         y = x_hat if weight is None else x_hat * weight
         if bias is not None:
@@ -73,8 +83,13 @@ class LayerNorm(Function):
 
     @staticmethod
     def backward(ctx, grad):
-        x_hat, rstd, weight = ctx.saved_tensors
         need_x, need_w, need_b, _ = ctx.needs_input_grad
+        if ctx.fused:
+            x, mean, rstd, weight = ctx.saved_tensors
+            grad_x, grad_w, grad_b = norm_cpu.layer_norm_backward(
+                ctx.xp.ascontiguousarray(grad), x, weight, mean, rstd, need_x)
+            return grad_x, grad_w if need_w else None, grad_b if need_b else None, None
+        x_hat, rstd, weight = ctx.saved_tensors
         batch_axes = tuple(range(grad.ndim - 1))                       # all but C
         grad_x = grad_w = grad_b = None
         if need_x:
@@ -191,6 +206,8 @@ class FrozenBatchNorm(Function):
         shift = bias - running_mean * scale
         shape = _channel_shape(x)                                      # (C, 1, ..., 1)
         ctx.save_for_backward(x, scale, rstd, running_mean)
+        if x.size > 0 and norm_cpu.applies(x, scale, shift):          # one multiply-add
+            return norm_cpu.scale_shift_channels(x, scale, shift)
         return x * scale.reshape(shape) + shift.reshape(shape)
 
     @staticmethod

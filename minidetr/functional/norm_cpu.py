@@ -1,0 +1,159 @@
+"""Fused Numba CPU kernels of layer norm and frozen batch norm (the fast path of norm.py).
+
+The readable NumPy code in :mod:`.norm` is the reference; these kernels compute the same
+thing in one or two passes over each row, without its temporaries (``mu``, ``centered``,
+``centered**2``, ``x_hat``, ``x_hat * weight``, ... each a full-size array). The
+Functions of :mod:`.norm` call them for NumPy float32/float64 C-contiguous inputs
+(:func:`applies`) and use the reference otherwise (CuPy, other dtypes, strided views).
+
+Layer norm, x viewed as rows (R, C) = (prod(...), C)::
+
+    forward   one pass per row for the mean, one for the variance (the row is in cache),
+              one that writes y = (x - mu) * rstd * weight + bias;
+              saves mean, rstd (R,) float64 instead of x_hat (R, C)
+    backward  per row: x_hat recomputed from x, mean and rstd;
+              sum(g * w), sum(g * w * x_hat) -> grad_x = rstd (g w - mean(g w) - x_hat mean(g w x_hat))
+              grad_weight = sum_rows g * x_hat, grad_bias = sum_rows g
+
+Statistics and sums are accumulated in float64 whatever the data's dtype (the reference
+accumulates float32 data in float32, so the two agree to float32 rounding, not bit for
+bit). grad_weight and grad_bias are summed per block of rows into a (BLOCKS, C) float64
+table, then over the blocks in order: the blocks do not depend on the thread count, so
+the result is the same on every machine size (deterministic, no atomics).
+
+Frozen batch norm, x viewed as (N, C, P) with P = prod(*)::
+
+    forward   y = x * scale[c] + shift[c], one multiply-add per element
+    (its backward, grad * scale[c], is one NumPy multiply in norm.py)
+
+Parallelism: ``prange`` over rows (layer norm forward), blocks of rows (layer norm
+backward) or (n, c) planes (frozen batch norm). Compilation: on first use, once per
+dtype, cached on disk (``cache=True``): later processes load them in well under a second.
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+BLOCKS = 16          # row blocks of the layer norm backward's weight/bias sums (fixed:
+                     # the sums must not depend on the number of threads)
+
+
+def applies(*arrays) -> bool:
+    """True when the kernels can take these arrays (None entries are skipped): NumPy
+    arrays, all float32 or all float64, all C-contiguous."""
+    present = [a for a in arrays if a is not None]
+    return (all(type(a) is np.ndarray for a in present)
+            and present[0].dtype in (np.float32, np.float64)
+            and all(a.dtype == present[0].dtype and a.flags.c_contiguous for a in present))
+
+
+# --------------------------------------------------------------------------- layer norm
+@njit(parallel=True, cache=True, fastmath={"reassoc"})
+def _layer_norm_forward(x, weight, bias, eps, y, mean, rstd):
+    """Rows of x (R, C) standardised, scaled and shifted into y (R, C); mean, rstd (R,)."""
+    R, C = x.shape
+    for r in prange(R):
+        s = 0.0                                   # float64 accumulators
+        for c in range(C):
+            s += x[r, c]
+        mu = s / C
+        v = 0.0
+        for c in range(C):
+            d = x[r, c] - mu
+            v += d * d
+        rs = 1.0 / np.sqrt(v / C + eps)
+        mean[r] = mu
+        rstd[r] = rs
+        for c in range(C):
+            y[r, c] = (x[r, c] - mu) * rs * weight[c] + bias[c]
+
+
+@njit(parallel=True, cache=True, fastmath={"reassoc"})
+def _layer_norm_backward(grad, x, weight, mean, rstd, need_x, grad_x, partial_w, partial_b):
+    """grad_x (R, C) (when ``need_x``) and per-block sums partial_w, partial_b (BLOCKS, C)."""
+    R, C = x.shape
+    blocks = partial_w.shape[0]
+    for k in prange(blocks):
+        for r in range(k * R // blocks, (k + 1) * R // blocks):
+            mu = mean[r]
+            rs = rstd[r]
+            s_g = 0.0                             # sum_c g_c w_c
+            s_gx = 0.0                            # sum_c g_c w_c x_hat_c
+            for c in range(C):
+                x_hat = (x[r, c] - mu) * rs
+                g = grad[r, c]
+                partial_w[k, c] += g * x_hat
+                partial_b[k, c] += g
+                gw = g * weight[c]
+                s_g += gw
+                s_gx += gw * x_hat
+            if need_x:
+                m_g = s_g / C
+                m_gx = s_gx / C
+                for c in range(C):
+                    x_hat = (x[r, c] - mu) * rs
+                    grad_x[r, c] = rs * (grad[r, c] * weight[c] - m_g - x_hat * m_gx)
+
+
+def layer_norm_forward(x, weight, bias, eps):
+    """Layer norm over the last axis with the fused kernel.
+
+    Shapes: x (..., C) C-contiguous, weight, bias (C,) or None ->
+    y (..., C) of x's dtype, mean (R,), rstd (R,) float64 with R = prod(...).
+    """
+    C = x.shape[-1]
+    rows = x.reshape(-1, C)                                            # (R, C), a view
+    weight = np.ones(C, x.dtype) if weight is None else weight
+    bias = np.zeros(C, x.dtype) if bias is None else bias
+    y = np.empty_like(rows)                                            # (R, C)
+    mean = np.empty(rows.shape[0], np.float64)                         # (R,)
+    rstd = np.empty(rows.shape[0], np.float64)                         # (R,)
+    _layer_norm_forward(rows, weight, bias, float(eps), y, mean, rstd)
+    return y.reshape(x.shape), mean, rstd
+
+
+def layer_norm_backward(grad, x, weight, mean, rstd, need_x=True):
+    """Gradients of layer norm from what :func:`layer_norm_forward` returned.
+
+    Shapes: grad, x (..., C) C-contiguous, weight (C,) or None, mean, rstd (R,) ->
+    grad_x (..., C) (None unless ``need_x``), grad_weight (C,), grad_bias (C,) in x's dtype.
+    """
+    C = x.shape[-1]
+    rows = x.reshape(-1, C)                                            # (R, C)
+    grad_rows = grad.reshape(-1, C)                                    # (R, C)
+    weight = np.ones(C, x.dtype) if weight is None else weight
+    blocks = max(1, min(BLOCKS, rows.shape[0]))
+    partial_w = np.zeros((blocks, C), np.float64)                      # (BLOCKS, C)
+    partial_b = np.zeros((blocks, C), np.float64)                      # (BLOCKS, C)
+    grad_x = np.empty_like(rows) if need_x else np.empty((0, C), x.dtype)
+    _layer_norm_backward(grad_rows, rows, weight, mean, rstd, need_x, grad_x,
+                         partial_w, partial_b)
+    return (grad_x.reshape(x.shape) if need_x else None,
+            partial_w.sum(axis=0).astype(x.dtype), partial_b.sum(axis=0).astype(x.dtype))
+
+
+# --------------------------------------------------------------------------- frozen batch norm
+@njit(parallel=True, cache=True)
+def _scale_shift_channels(x, scale, shift, y):
+    """y[n, c, p] = x[n, c, p] * scale[c] + shift[c] for x, y (N, C, P)."""
+    N, C, P = x.shape
+    for nc in prange(N * C):
+        n = nc // C
+        c = nc % C
+        a = scale[c]
+        b = shift[c]
+        for p in range(P):
+            y[n, c, p] = x[n, c, p] * a + b
+
+
+def scale_shift_channels(x, scale, shift):
+    """Per-channel affine map, frozen batch norm's forward.
+
+    Shapes: x (N, C, *) C-contiguous, scale, shift (C,) of x's dtype -> y (N, C, *).
+    """
+    N, C = x.shape[:2]
+    planes = x.reshape(N, C, -1)                                       # (N, C, P)
+    y = np.empty_like(planes)
+    _scale_shift_channels(planes, scale, shift, y)
+    return y.reshape(x.shape)
