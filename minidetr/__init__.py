@@ -9,6 +9,11 @@ __version__ = "0.1.0"
 # workers sleep between two kernels instead of spinning on the cores those products need.
 # Measured on 2 cores, `small` step: 780 ms -> 612 ms; with spinning workers, 722 ms.
 # The numbers and the reasons: docs/profile.md.
+# THREAD_SETTINGS_MADE names the variables set here, so that a child process that must
+# not inherit them (transformers' rows of `bench train`) can leave them out.
+THREAD_SETTINGS_MADE = tuple(
+    _name for _name in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "OMP_WAIT_POLICY")
+    if _name not in _os.environ)
 for _name, _value in (("OPENBLAS_NUM_THREADS", "1"), ("MKL_NUM_THREADS", "1"),
                       ("OMP_WAIT_POLICY", "PASSIVE")):
     _os.environ.setdefault(_name, _value)

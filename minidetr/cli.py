@@ -815,8 +815,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--no-hf", action="store_true",
                    help="train: skip transformers' model even when it is installed")
     b.add_argument("--torch-threads", type=int, default=None,
-                   help="train: torch's CPU threads for transformers' rows (default: as many "
-                        "as minidetr uses, MINIDETR_NUM_THREADS or every core)")
+                   help="train: torch's CPU threads for transformers' rows (default: "
+                        "torch's own, in a process of its own)")
     b.set_defaults(func=_cmd_bench)
 
     c = sub.add_parser("convert-checkpoint",

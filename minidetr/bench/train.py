@@ -20,7 +20,9 @@ variant of a preset this prints and writes (default ``runs/bench/train.json``):
 When ``transformers`` and ``torch`` are importable (never a dependency of minidetr),
 the same iteration of HuggingFace's ``DeformableDetrForObjectDetection``, built to the
 same configuration (:mod:`minidetr.bench.train_hf`), is timed on the same device with the same
-batch, and the table ends with minidetr's time over theirs per variant.
+batch, and the table ends with minidetr's time over theirs per variant. On a CPU those rows
+run in a Python process of their own, with torch's default threads: minidetr's thread
+settings are process-wide and would slow torch down.
 
 The batch is synthetic and the same for every row: normal noise images of the requested
 size (no padding) and six random boxes per image.
@@ -115,8 +117,9 @@ def bench_train(config="tiny", variants="all", device="auto", batch=2, size=None
         compare_hf: also time transformers' DeformableDetrForObjectDetection when
             transformers and torch are importable.
         json_path: where to write the rows (default ``runs/bench/train.json``).
-        torch_threads: torch's CPU threads for transformers' rows; None: as many as
-            minidetr uses (:func:`minidetr.functional._parallel.cpu_threads`).
+        torch_threads: torch's CPU threads for transformers' rows; None: torch's own
+            default. On a CPU those rows run in a process of their own
+            (:func:`minidetr.bench.train_hf.bench_hf_in_child` says why).
 
     Returns:
         the list of result rows (dicts), as written to the JSON file.
@@ -140,15 +143,10 @@ def bench_train(config="tiny", variants="all", device="auto", batch=2, size=None
     print_fn(f"training benchmark: config {config}, batch {batch} of {height}x{width} "
              f"(HxW), {device}, median of {iterations} iterations after {warmup} warm-up")
     threads = cpu_threads()
-    if torch_threads is None:
-        torch_threads = threads
-    if isinstance(torch_threads, bool) or not isinstance(torch_threads, int) or torch_threads < 1:
+    if torch_threads is not None and (isinstance(torch_threads, bool)
+                                      or not isinstance(torch_threads, int)
+                                      or torch_threads < 1):
         raise ValueError(f"torch_threads must be an int >= 1, got {torch_threads!r}")
-    if device == "cpu":
-        print_fn(f"CPU threads: minidetr {threads} (MINIDETR_NUM_THREADS; BLAS "
-                 f"{os.environ.get('OPENBLAS_NUM_THREADS', 'default')} per call, Numba "
-                 f"{machine_info().get('numba_threads')})"
-                 + (f", torch {torch_threads}" if hf_status[0] else ""))
     if not hf_status[0]:
         print_fn(f"transformers comparison skipped: {hf_status[1]}")
 
@@ -164,15 +162,27 @@ def bench_train(config="tiny", variants="all", device="auto", batch=2, size=None
         if device == "cuda":
             import cupy as cp
             cp.get_default_memory_pool().free_all_blocks()     # leave the GPU to torch
-        for variant in names:
-            row = bench_hf(config, variant, device, batch, height, width,
-                           iterations=iterations, warmup=warmup, seed=seed,
-                           threads=torch_threads)
-            rows.append({**common, "variant": variant, **row})
+        requests = [dict(config=config, variant=variant, device=device, batch=batch,
+                         height=height, width=width, iterations=iterations, warmup=warmup,
+                         seed=seed, threads=torch_threads) for variant in names]
+        if device == "cpu":
+            from .train_hf import bench_hf_in_child
+            hf_rows = bench_hf_in_child(requests)       # a process of their own: see there
+        else:
+            hf_rows = [bench_hf(**request) for request in requests]
+        rows += [{**common, "variant": request["variant"], **row}
+                 for request, row in zip(requests, hf_rows)]
     for row in rows:
         row["images_per_s"] = batch / (row["ms_median"] / 1e3)
 
     _print_table(rows, print_fn)
+    if device == "cpu":
+        torch_used = sorted({r["torch_threads"] for r in rows if "torch_threads" in r})
+        print_fn(f"CPU threads: minidetr {threads} (MINIDETR_NUM_THREADS; BLAS "
+                 f"{os.environ.get('OPENBLAS_NUM_THREADS', 'default')} per call, Numba "
+                 f"{machine_info().get('numba_threads')})"
+                 + (f"; torch {', '.join(map(str, torch_used))}, in a process of its own"
+                    if torch_used else ""))
     path = Path(json_path) if json_path else DEFAULT_JSON
     write_json(path, dict(benchmark="train", **common, machine=machine_info(device),
                           minidetr_threads=threads, torch_threads=torch_threads,

@@ -52,11 +52,59 @@ def hf_status(device):
     missing = [m for m in ("torch", "transformers") if importlib.util.find_spec(m) is None]
     if missing:
         return False, f"{' and '.join(missing)} not installed (pip install torch transformers)"
-    import torch
-    import transformers
-    if device == "cuda" and not torch.cuda.is_available():
-        return False, f"torch {torch.__version__} sees no CUDA device"
-    return True, f"transformers {transformers.__version__}, torch {torch.__version__}"
+    from importlib.metadata import version
+    if device == "cuda":
+        import torch
+        if not torch.cuda.is_available():
+            return False, f"torch {torch.__version__} sees no CUDA device"
+    # On a CPU torch is not imported here: its rows run in a process of their own.
+    return True, f"transformers {version('transformers')}, torch {version('torch')}"
+
+
+# The child process of the CPU rows: torch is imported first, so that it starts its
+# threads with its own defaults, before ``import minidetr`` sets minidetr's (see
+# minidetr/__init__.py); its rows come back as one JSON line on stdout.
+_CHILD = """
+import json, sys
+import torch, transformers
+from minidetr.bench.train_hf import bench_hf
+rows = [bench_hf(**request) for request in json.loads(sys.argv[1])]
+print("MINIDETR-HF-ROWS " + json.dumps(rows))
+"""
+
+
+def bench_hf_in_child(requests):
+    """transformers' CPU rows, each ``bench_hf(**request)``, in a fresh Python process.
+
+    Why a process of their own: minidetr's thread settings (BLAS one thread per call,
+    Numba's OpenMP workers passive; minidetr/__init__.py) are process-wide, and torch
+    reads the same variables when it starts: in minidetr's process, torch would start
+    with one thread and passive OpenMP workers, measured 1.4-1.7x slower than on its own
+    (671 vs 451-490 ms at ``small``). The child gets the environment minus the variables
+    that ``import minidetr`` set (your own settings, e.g. glibc's ``MALLOC_*``, pass on),
+    so each framework runs with its defaults and its own peak memory (``ru_maxrss``).
+    """
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import minidetr
+
+    env = {k: v for k, v in os.environ.items() if k not in minidetr.THREAD_SETTINGS_MADE}
+    package_parent = str(Path(minidetr.__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_parent, env.get("PYTHONPATH"))
+                                        if p)
+    done = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(requests)], env=env,
+                          capture_output=True, text=True)
+    marker = "MINIDETR-HF-ROWS "
+    lines = [line for line in done.stdout.splitlines() if line.startswith(marker)]
+    if done.returncode != 0 or not lines:
+        tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-15:])
+        raise RuntimeError(f"transformers' rows failed in their own process (exit code "
+                           f"{done.returncode}):\n{tail}")
+    return json.loads(lines[-1][len(marker):])
 
 
 def hf_config(cfg):
@@ -160,11 +208,8 @@ def bench_hf(config, variant, device, batch, height, width, *, iterations, warmu
     """One row: transformers' training iteration for ``config``/``variant``.
 
     ``threads``: torch's CPU threads for this row (restored afterwards); None keeps
-    torch's setting. ``bench_train`` passes minidetr's own thread count, so that both
-    frameworks use the same cores: torch reads ``MKL_NUM_THREADS``/``OMP_NUM_THREADS``
-    when it starts, and ``import minidetr`` sets ``MKL_NUM_THREADS=1`` (its BLAS calls
-    are single-threaded; minidetr splits the products itself), which alone would leave
-    torch one thread.
+    torch's setting. On a CPU, ``bench_train`` runs this in a process of its own
+    (:func:`bench_hf_in_child`).
     """
     import torch
     import transformers
@@ -183,7 +228,7 @@ def bench_hf(config, variant, device, batch, height, width, *, iterations, warmu
 
 def _bench_hf_row(torch, transformers, cfg, device, batch, height, width, *, iterations,
                   warmup, seed):
-
+    """The timed row of :func:`bench_hf` for the ModelConfig ``cfg``."""
     memory = TorchCudaMemory() if device == "cuda" else CpuMemory()
     model = build_hf_model(cfg, device, seed)
     trained = [p for p in model.parameters() if p.requires_grad]
@@ -207,4 +252,4 @@ def _bench_hf_row(torch, transformers, cfg, device, batch, height, width, *, ite
             "torch_threads": torch.get_num_threads()}
 
 
-__all__ = ["bench_hf", "hf_status", "hf_config", "build_hf_model", "hf_inputs"]
+__all__ = ["bench_hf", "bench_hf_in_child", "hf_status", "hf_config", "build_hf_model", "hf_inputs"]
