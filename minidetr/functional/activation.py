@@ -17,6 +17,8 @@ code takes" (relu).
 from __future__ import annotations
 
 from ..autograd import Function
+from . import softmax_cpu
+from .norm_cpu import applies as kernels_apply
 from ._util import single_axis, tensor_or_array
 
 
@@ -100,20 +102,29 @@ class Softmax(Function):
     """y_i = exp(x_i) / sum_j exp(x_j) along ``axis``.
 
     Backward (docs/autograd.md): dL/dx = y * (g - sum(g * y, axis)), with g = dL/dy.
+    Along the last axis of a NumPy float32/float64 C-contiguous array, both passes run a
+    fused Numba kernel (:mod:`.softmax_cpu`); the code below is the reference.
     """
 
     @staticmethod
     def forward(ctx, x, axis):
+        ctx.axis = axis
+        ctx.fused = axis == x.ndim - 1 and x.size > 0 and kernels_apply(x)
+        if ctx.fused:
+            y = softmax_cpu.softmax_forward(x)
+            ctx.save_for_backward(y)
+            return y
         xp = ctx.xp
         e = xp.exp(x - x.max(axis=axis, keepdims=True))   # largest exponent is exp(0) = 1
         y = e / e.sum(axis=axis, keepdims=True)
         ctx.save_for_backward(y)
-        ctx.axis = axis
         return y
 
     @staticmethod
     def backward(ctx, grad):
         y, = ctx.saved_tensors
+        if ctx.fused:
+            return softmax_cpu.softmax_backward(ctx.xp.ascontiguousarray(grad), y), None
         dot = (grad * y).sum(axis=ctx.axis, keepdims=True)  # sum_j g_j y_j, one per row
         return y * (grad - dot), None
 
