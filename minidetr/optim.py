@@ -197,7 +197,7 @@ class AdamW:
                     continue
                 if kernel == "cpu":                         # the lines below, one pass
                     adamw_cpu.fused_step(p.data, g, m, v, lr=lr, beta1=beta1, beta2=beta2,
-                                         eps=eps, weight_decay=wd, step=t)
+                                         eps=eps, weight_decay=wd, step=t, check=False)
                     continue
 
                 # The readable update, one array operation per line (the reference).

@@ -40,7 +40,7 @@ def _live(opt):
 
 
 # --------------------------------------------------------------------------- AdamW
-SHAPES = [(), (3,), (2, 3, 4), (40, 64), (3, 700)]     # 0-d; serial and parallel kernels
+SHAPES = [(), (3,), (2, 3, 4), (256, 300), (3, 26000)]   # 0-d; serial, parallel kernels
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -83,7 +83,7 @@ def test_fused_cpu_equals_readable_bit_for_bit(dtype):
                 live = [p for p in _live(opt) if p.shape != frozen0.shape]
                 for p, g in zip(live, grads):
                     p.grad = g.copy()
-                live[3].grad = np.ascontiguousarray(grads[3].T).T   # (40, 64), F-ordered
+                live[3].grad = np.ascontiguousarray(grads[3].T).T   # (256, 300), F-ordered
                 opt.step()
             for p_f, p_r in zip(_live(fused), _live(readable)):
                 what = f"step {step}, {np.dtype(dtype)} parameter {p_f.shape}"
@@ -113,6 +113,21 @@ def test_bit_equality_is_a_strong_check():
     adamw_cpu.fused_step(in_double[0], g32.astype(np.float64), in_double[1], in_double[2],
                          **kwargs)
     assert (in_double[0].astype(np.float32) != fused[0]).any()
+
+
+@pytest.mark.parametrize("n", [5, adamw_cpu.PARALLEL_FROM])
+def test_division_by_zero_gives_what_numpy_gives(n):
+    """eps = 0 and a zero gradient at t = 1: m = v = 0, so the step is 0 / 0 = NaN (and
+    x / 0 = inf for a nonzero m), as in NumPy, not a ZeroDivisionError."""
+    kwargs = dict(lr=0.1, beta1=0.9, beta2=0.999, eps=0.0, weight_decay=0.0, step=1)
+    p = np.ones(n, np.float32)
+    g = np.zeros(n, np.float32)
+    m, v = np.zeros_like(p), np.zeros_like(p)
+    adamw_cpu.fused_step(p, g, m, v, **kwargs)
+    assert np.isnan(p).all() and (m == 0).all() and (v == 0).all()
+    p, m, v = np.ones(n, np.float32), np.ones(n, np.float32), np.zeros(n, np.float32)
+    adamw_cpu.fused_step(p, g, m, v, **kwargs)                   # m = 0.9, v = 0: -inf
+    assert (p == -np.inf).all()
 
 
 @pytest.mark.parametrize("save_with, resume_with", [(None, False), (False, None)])
@@ -175,7 +190,7 @@ def test_parameters_the_kernel_cannot_take_get_the_readable_update():
 def test_fused_step_argument_errors():
     p = np.zeros((2, 3), np.float32)
     kwargs = dict(lr=0.1, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, step=1)
-    with pytest.raises(ValueError, match=r"grad is ndarray float64 \(2, 3\), the parameter "
+    with pytest.raises(ValueError, match=r"grad is float64 \(2, 3\), the parameter "
                                          r"float32 \(2, 3\)"):
         adamw_cpu.fused_step(p, np.zeros((2, 3)), p.copy(), p.copy(), **kwargs)
     with pytest.raises(ValueError, match=r"exp_avg_sq is ndarray float32 \(3, 2\)"):
