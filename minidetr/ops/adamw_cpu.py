@@ -25,7 +25,8 @@ operation in that dtype: float32 stays float32, each product, sum, square root a
 quotient is rounded where the chain rounds it. ``fastmath`` is off, so LLVM neither
 reorders nor contracts ``a * b + c`` into a fused multiply-add (it does so only when
 asked), and its SIMD ``sqrt`` and ``/`` are correctly rounded, as NumPy's are. The
-result equals the readable chain's bit for bit (tested in ``tests/core/test_optim.py``).
+result equals the readable chain's bit for bit (tested in
+``tests/core/test_adamw_cpu.py``).
 
 ``error_model="numpy"``: a division by zero (``eps = 0`` and ``v = 0``) gives inf or NaN
 as in NumPy, where Numba's default (``"python"``) would raise ZeroDivisionError. That
@@ -56,9 +57,9 @@ from .adamw_kernel import step_scalars
 DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 # Parameters with at least this many elements are updated on all threads. Measured on 2
-# cores (float32, one thread vs two): 16 384 elements 7.2 vs 5.5 us on an idle machine;
-# 1 M elements 480 vs 230 us. Waking the pool costs 2 us on an idle machine, 10-50 us
-# on a busy one, so the threshold errs on the side of one thread.
+# cores (float32, one thread / two) with one other process running: 65 536 elements
+# 28 / 17 us, 1 M elements 440 / 230 us. Waking the pool costs 2 us on an idle machine,
+# 10-50 us on a busy one, so the threshold errs on the side of one thread.
 PARALLEL_FROM = 65536
 
 

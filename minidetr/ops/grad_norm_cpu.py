@@ -13,13 +13,13 @@ differs from NumPy's pairwise sum. ``fastmath={"reassoc"}`` allows that: it lets
 keep several SIMD partial sums instead of one chain of additions (10x faster), which
 changes the rounding of the sum and nothing else (NaN and infinity propagate as usual).
 Either order is within a few float64 ulps of the exact sum (tested against NumPy's in
-``tests/core/test_optim.py``).
+``tests/core/test_adamw_cpu.py``).
 
 Threads. Gradients of at least :data:`PARALLEL_FROM` elements are summed on all of
 Numba's threads (``prange``, one partial sum per thread, then added); smaller ones on
-the calling thread, where waking the pool would cost more than the sum (measured on 2
-cores, float32: 4096 elements 0.5 us serial / 1.7 us parallel; 65 536: 5.4 / 4.6 us;
-2.4 M: 178 / 110 us).
+the calling thread, where waking the pool would cost about as much as the sum (measured
+on 2 cores, float32, one thread / two: 4096 elements 0.5 / 1.7 us; 65 536: 5.4 /
+4.6 us; 2.4 M: 178 / 110 us; on a busy machine waking the pool takes 10 us and more).
 
 Shapes: ``grad`` any shape and layout, float32 or float64; it is read as (n,) (a copy
 only when its elements are not contiguous in memory).
@@ -31,7 +31,7 @@ from numba import njit, prange
 
 DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
-PARALLEL_FROM = 65536       # elements from which the sum runs on all threads
+PARALLEL_FROM = 262144      # elements from which the sum runs on all threads
 
 
 @njit(fastmath={"reassoc"}, cache=True)
