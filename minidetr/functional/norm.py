@@ -129,39 +129,100 @@ def _channel_shape(x):
 
 
 class GroupNorm(Function):
-    """Standardise each group of C/G channels (over channels and pixels), then affine."""
+    """Standardise each group of C/G channels (over channels and pixels), then affine.
+
+    With ``valid`` (B, 1, *) of 0/1, the statistics of image b are taken over its valid
+    pixels only and the output is zero on the others (mask-aware group norm).
+    """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, num_groups, eps):
+    def forward(ctx, x, weight, bias, num_groups, eps, valid):
+        ctx.fused = x.size > 0 and norm_cpu.applies(x, weight, bias, valid)
+        if ctx.fused:       # one Numba kernel; saves x and the (B, G) statistics
+            y, mean, rstd = norm_cpu.group_norm_forward(x, valid, weight, bias,
+                                                        num_groups, eps)
+            ctx.save_for_backward(x, valid, weight, mean, rstd)
+            return y
         N = x.shape[0]
-        x_hat, rstd = _standardize(x.reshape(N, num_groups, -1), eps)  # (N, G, C/G*HW), (N, G, 1)
-        x_hat = x_hat.reshape(x.shape)                                 # (N, C, *)
+        if valid is None:
+            x_hat, rstd = _standardize(x.reshape(N, num_groups, -1), eps)  # (N, G, C/G*HW), (N, G, 1)
+            x_hat = x_hat.reshape(x.shape)                             # (N, C, *)
+        else:
+            x_hat, rstd = _standardize_masked(x, valid, num_groups, eps)
         y = x_hat if weight is None else x_hat * weight.reshape(_channel_shape(x))
         if bias is not None:
             y = y + bias.reshape(_channel_shape(x))
-        ctx.save_for_backward(x_hat, rstd, weight)
+        if valid is not None:
+            y = y * valid                                              # zero on padding
+        ctx.save_for_backward(x_hat, rstd, weight, valid)
         return y
 
     @staticmethod
     def backward(ctx, grad):
-        x_hat, rstd, weight = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        if ctx.fused:
+            x, valid, weight, mean, rstd = ctx.saved_tensors
+            grad_x, grad_w, grad_b = norm_cpu.group_norm_backward(
+                ctx.xp.ascontiguousarray(grad), x, valid, weight, mean, rstd, need_x)
+            return (grad_x, grad_w if need_w else None, grad_b if need_b else None,
+                    None, None, None)
+        x_hat, rstd, weight, valid = ctx.saved_tensors
+        if valid is not None:
+            grad = grad * valid                                        # y = (...) * valid
         N, G = rstd.shape[:2]
         sum_axes = (0,) + tuple(range(2, grad.ndim))                   # all but C
         grad_x = grad_w = grad_b = None
         if need_x:
             g = grad if weight is None else grad * weight.reshape(_channel_shape(grad))
-            grad_x = _standardize_backward(g.reshape(N, G, -1),        # (N, G, C/G*HW)
-                                           x_hat.reshape(N, G, -1), rstd)
-            grad_x = grad_x.reshape(grad.shape)                        # (N, C, *)
+            if valid is None:
+                grad_x = _standardize_backward(g.reshape(N, G, -1),    # (N, G, C/G*HW)
+                                               x_hat.reshape(N, G, -1), rstd)
+                grad_x = grad_x.reshape(grad.shape)                    # (N, C, *)
+            else:
+                grad_x = _standardize_masked_backward(g, x_hat, rstd, valid, G)
         if need_w:
             grad_w = (grad * x_hat).sum(axis=sum_axes)                 # (C,)
         if need_b:
             grad_b = grad.sum(axis=sum_axes)                           # (C,)
-        return grad_x, grad_w, grad_b, None, None
+        return grad_x, grad_w, grad_b, None, None, None
 
 
-def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5):
+def _group_view(a, num_groups, valid):
+    """(N, C, *) -> (N, G, C/G, P), and valid (N, 1, *) -> (N, 1, 1, P), P = prod(*)."""
+    N = a.shape[0]
+    return a.reshape(N, num_groups, -1, valid[0].size), valid.reshape(N, 1, 1, -1)
+
+
+def _standardize_masked(x, valid, num_groups, eps):
+    """Standardise each (image, group) over its valid elements only; x_hat is 0 elsewhere.
+
+    Shapes: x (N, C, *), valid (N, 1, *) of 0/1 -> x_hat (N, C, *), rstd (N, G, 1, 1).
+    """
+    xp = get_array_module(x)
+    xg, v = _group_view(x, num_groups, valid)                          # (N, G, C/G, P), (N, 1, 1, P)
+    count = v.sum(axis=-1, keepdims=True) * xg.shape[2]                # (N, 1, 1, 1): m
+    mu = (xg * v).sum(axis=(2, 3), keepdims=True) / count              # (N, G, 1, 1)
+    centered = (xg - mu) * v                                           # (N, G, C/G, P)
+    var = (centered * centered).sum(axis=(2, 3), keepdims=True) / count
+    rstd = 1 / xp.sqrt(var + eps)                                      # (N, G, 1, 1)
+    return (centered * rstd).reshape(x.shape), rstd
+
+
+def _standardize_masked_backward(g, x_hat, rstd, valid, num_groups):
+    """dL/dx from g = dL/dx_hat for :func:`_standardize_masked`: the standardisation
+    formula over the m valid elements, zero on the others.
+
+    Shapes: g, x_hat (N, C, *), rstd (N, G, 1, 1), valid (N, 1, *) -> (N, C, *).
+    """
+    gg, v = _group_view(g * valid, num_groups, valid)                  # (N, G, C/G, P), (N, 1, 1, P)
+    xh, _ = _group_view(x_hat, num_groups, valid)                      # (N, G, C/G, P)
+    count = v.sum(axis=-1, keepdims=True) * gg.shape[2]                # (N, 1, 1, 1): m
+    g_mean = gg.sum(axis=(2, 3), keepdims=True) / count                # (N, G, 1, 1)
+    gx_mean = (gg * xh).sum(axis=(2, 3), keepdims=True) / count        # (N, G, 1, 1)
+    return (v * rstd * (gg - g_mean - xh * gx_mean)).reshape(g.shape)
+
+
+def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, valid=None):
     """Group normalisation (Wu & He, 2018), PyTorch ``F.group_norm`` semantics.
 
     The C channels are split into ``num_groups`` groups of consecutive channels; each
@@ -173,6 +234,9 @@ def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5):
         num_groups: G, a divisor of C (Deformable DETR uses GN(32, 256)).
         weight, bias: Tensors or arrays (C,), or None.
         eps: added to the variance.
+        valid: None, or an array (N, 1, *) of x's dtype, 1 on each image's pixels and 0
+            on its padding: the statistics are then taken over the valid pixels only and
+            the output is 0 on padding (a constant: no gradient).
 
     Returns:
         Tensor (N, C, *).
@@ -185,8 +249,14 @@ def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5):
                          f"of the {C} channels of x {tuple(x.shape)}")
     _check_param("group_norm", "weight", weight, C)
     _check_param("group_norm", "bias", bias, C)
-    same_float_dtype("group_norm", x, weight, bias)
-    return GroupNorm.apply(x, weight, bias, num_groups, float(eps))
+    if valid is not None:
+        valid = valid.data if isinstance(valid, Tensor) else valid
+        expected = (x.shape[0], 1) + tuple(x.shape[2:])
+        if tuple(valid.shape) != expected:
+            raise ValueError(f"group_norm: valid must have shape {expected} (one 0/1 per "
+                             f"pixel of x {tuple(x.shape)}), got {tuple(valid.shape)}")
+    same_float_dtype("group_norm", x, weight, bias, valid)
+    return GroupNorm.apply(x, weight, bias, num_groups, float(eps), valid)
 
 
 # --------------------------------------------------------------------------- frozen batch norm

@@ -1,4 +1,4 @@
-"""Fused Numba CPU kernels of layer norm and frozen batch norm (the fast path of norm.py).
+"""Fused Numba CPU kernels of layer, group and frozen batch norm (the fast path of norm.py).
 
 The readable NumPy code in :mod:`.norm` is the reference; these kernels compute the same
 thing in one or two passes over each row, without its temporaries (``mu``, ``centered``,
@@ -21,13 +21,24 @@ bit). grad_weight and grad_bias are summed per block of rows into a (BLOCKS, C) 
 table, then over the blocks in order: the blocks do not depend on the thread count, so
 the result is the same on every machine size (deterministic, no atomics).
 
+Group norm, x viewed as (B, C, P) with P = prod(*), G groups of C/G channels, and an
+optional 0/1 ``valid`` (B, P) that restricts the statistics to the image's own pixels
+(the mask-aware group norm of the tiny backbone; all ones for plain group norm)::
+
+    forward   per (image, group): mean and variance over its valid elements (float64),
+              y = (x_hat * weight + bias) * valid;  saves mean, rstd (B, G)
+    backward  per (image, group), m valid elements, g = grad * weight * valid:
+              grad_x = valid * rstd * (g - sum(g)/m - x_hat sum(g x_hat)/m);
+              the weight/bias sums of image b go to row b of a (B, C) table (each
+              (image, group) pair writes only its own channels), then over b in order
+
 Frozen batch norm, x viewed as (N, C, P) with P = prod(*)::
 
     forward   y = x * scale[c] + shift[c], one multiply-add per element
     (its backward, grad * scale[c], is one NumPy multiply in norm.py)
 
 Parallelism: ``prange`` over rows (layer norm forward), blocks of rows (layer norm
-backward) or (n, c) planes (frozen batch norm). Compilation: on first use, once per
+backward), (image, group) pairs (group norm) or (n, c) planes (frozen batch norm). Compilation: on first use, once per
 dtype, cached on disk (``cache=True``): later processes load them in well under a second.
 """
 from __future__ import annotations
@@ -129,6 +140,127 @@ def layer_norm_backward(grad, x, weight, mean, rstd, need_x=True):
     grad_x = np.empty_like(rows) if need_x else np.empty((0, C), x.dtype)
     _layer_norm_backward(grad_rows, rows, weight, mean, rstd, need_x, grad_x,
                          partial_w, partial_b)
+    return (grad_x.reshape(x.shape) if need_x else None,
+            partial_w.sum(axis=0).astype(x.dtype), partial_b.sum(axis=0).astype(x.dtype))
+
+
+# --------------------------------------------------------------------------- group norm
+@njit(parallel=True, cache=True, fastmath={"reassoc"})
+def _group_norm_forward(x, valid, weight, bias, eps, y, mean, rstd):
+    """x (B, C, P) standardised per (image, group) over its valid pixels into y (B, C, P).
+
+    valid (B, P) is 1 on the image and 0 on padding (all ones: plain group norm); y is
+    (x_hat * weight + bias) * valid, zero on padding; mean, rstd (B, G).
+    """
+    B, C, P = x.shape
+    G = mean.shape[1]
+    Cg = C // G
+    for bg in prange(B * G):
+        b = bg // G
+        g = bg % G
+        count = 0.0
+        for p in range(P):
+            count += valid[b, p]
+        count *= Cg                                # valid elements of the group
+        s = 0.0
+        for c in range(g * Cg, (g + 1) * Cg):
+            for p in range(P):
+                s += x[b, c, p] * valid[b, p]
+        mu = s / count
+        v = 0.0
+        for c in range(g * Cg, (g + 1) * Cg):
+            for p in range(P):
+                d = (x[b, c, p] - mu) * valid[b, p]
+                v += d * d
+        rs = 1.0 / np.sqrt(v / count + eps)
+        mean[b, g] = mu
+        rstd[b, g] = rs
+        for c in range(g * Cg, (g + 1) * Cg):
+            for p in range(P):
+                x_hat = (x[b, c, p] - mu) * rs
+                y[b, c, p] = (x_hat * weight[c] + bias[c]) * valid[b, p]
+
+
+@njit(parallel=True, cache=True, fastmath={"reassoc"})
+def _group_norm_backward(grad, x, valid, weight, mean, rstd, need_x, grad_x, partial_w,
+                         partial_b):
+    """grad_x (B, C, P) (when ``need_x``) and per-image sums partial_w, partial_b (B, C).
+
+    Per (image, group), over its m valid elements, with g = grad * weight * valid:
+    grad_x = valid * rstd * (g - sum(g) / m - x_hat * sum(g * x_hat) / m).
+    """
+    B, C, P = x.shape
+    G = mean.shape[1]
+    Cg = C // G
+    for bg in prange(B * G):
+        b = bg // G
+        gr = bg % G
+        mu = mean[b, gr]
+        rs = rstd[b, gr]
+        count = 0.0
+        for p in range(P):
+            count += valid[b, p]
+        count *= Cg
+        s_g = 0.0                                 # sum of g over the group
+        s_gx = 0.0                                # sum of g * x_hat
+        for c in range(gr * Cg, (gr + 1) * Cg):
+            w_sum = 0.0
+            b_sum = 0.0
+            for p in range(P):
+                gv = grad[b, c, p] * valid[b, p]
+                x_hat = (x[b, c, p] - mu) * rs
+                w_sum += gv * x_hat
+                b_sum += gv
+            partial_w[b, c] = w_sum               # this pair's own channels: no conflicts
+            partial_b[b, c] = b_sum
+            s_g += b_sum * weight[c]
+            s_gx += w_sum * weight[c]
+        if need_x:
+            m_g = s_g / count
+            m_gx = s_gx / count
+            for c in range(gr * Cg, (gr + 1) * Cg):
+                for p in range(P):
+                    x_hat = (x[b, c, p] - mu) * rs
+                    g = grad[b, c, p] * weight[c] * valid[b, p]
+                    grad_x[b, c, p] = valid[b, p] * rs * (g - m_g - x_hat * m_gx)
+
+
+def group_norm_forward(x, valid, weight, bias, num_groups, eps):
+    """Group norm with statistics over the valid pixels (all of them when ``valid`` is None).
+
+    Shapes: x (B, C, *) C-contiguous, valid (B, 1, *) of 0/1 or None, weight, bias (C,)
+    or None -> y (B, C, *) of x's dtype, zero where valid is 0; mean, rstd (B, G) float64.
+    """
+    B, C = x.shape[:2]
+    planes = x.reshape(B, C, -1)                                       # (B, C, P)
+    P = planes.shape[2]
+    valid = np.ones((B, P), x.dtype) if valid is None else valid.reshape(B, P)  # (B, P)
+    weight = np.ones(C, x.dtype) if weight is None else weight
+    bias = np.zeros(C, x.dtype) if bias is None else bias
+    y = np.empty_like(planes)                                          # (B, C, P)
+    mean = np.empty((B, num_groups), np.float64)                       # (B, G)
+    rstd = np.empty((B, num_groups), np.float64)                       # (B, G)
+    _group_norm_forward(planes, valid, weight, bias, float(eps), y, mean, rstd)
+    return y.reshape(x.shape), mean, rstd
+
+
+def group_norm_backward(grad, x, valid, weight, mean, rstd, need_x=True):
+    """Gradients of :func:`group_norm_forward` from its saved mean and rstd.
+
+    Shapes: grad, x (B, C, *) C-contiguous, valid (B, 1, *) or None, weight (C,) or None,
+    mean, rstd (B, G) -> grad_x (B, C, *) (None unless ``need_x``), grad_weight,
+    grad_bias (C,) in x's dtype.
+    """
+    B, C = x.shape[:2]
+    planes = x.reshape(B, C, -1)                                       # (B, C, P)
+    P = planes.shape[2]
+    valid = np.ones((B, P), x.dtype) if valid is None else valid.reshape(B, P)  # (B, P)
+    weight = np.ones(C, x.dtype) if weight is None else weight
+    partial_w = np.empty((B, C), np.float64)                           # (B, C)
+    partial_b = np.empty((B, C), np.float64)                           # (B, C)
+    grad_x = np.empty_like(planes) if need_x else np.empty((0, 0, 0), x.dtype)
+    _group_norm_backward(grad.reshape(B, C, P), planes, valid, weight, mean, rstd, need_x,
+                         grad_x, partial_w, partial_b)
     return (grad_x.reshape(x.shape) if need_x else None,
             partial_w.sum(axis=0).astype(x.dtype), partial_b.sum(axis=0).astype(x.dtype))
 

@@ -357,8 +357,8 @@ def masked_group_norm(x, valid, norm):
 
     Each (image, group) is standardised with the mean and variance of its own pixels, as
     if the image were alone; for an image without padding this is ``norm(x)`` (up to
-    float rounding). A composition of differentiable Functions (sum, mul, sqrt), so the
-    backward pass comes from theirs.
+    float rounding). One Function, :func:`minidetr.functional.group_norm` with ``valid``
+    (its formulas: docs/autograd.md, "Group normalisation").
 
     Args:
         x: Tensor (B, C, H, W).
@@ -368,17 +368,8 @@ def masked_group_norm(x, valid, norm):
     Shapes:
         -> Tensor (B, C, H, W), zero on padding
     """
-    B, C, H, W = x.shape
-    G = norm.num_groups
-    v = valid.reshape(B, 1, 1, H, W)                                   # (B, 1, 1, H, W)
-    count = valid.sum(axis=(1, 2, 3)).reshape(B, 1, 1, 1, 1) * (C // G)  # pixels per group
-    xg = x.reshape(B, G, C // G, H, W)                                 # (B, G, C/G, H, W)
-    mean = F.sum(xg * v, axis=(2, 3, 4), keepdims=True) / count        # (B, G, 1, 1, 1)
-    centred = (xg - mean) * v                                          # (B, G, C/G, H, W)
-    var = F.sum(centred * centred, axis=(2, 3, 4), keepdims=True) / count
-    x_hat = (centred / F.sqrt(var + norm.eps)).reshape(B, C, H, W)     # (B, C, H, W)
-    y = x_hat * norm.weight.reshape(1, C, 1, 1) + norm.bias.reshape(1, C, 1, 1)
-    return y * valid
+    return F.group_norm(x, norm.num_groups, norm.weight, norm.bias, eps=norm.eps,
+                        valid=valid)
 
 
 # --------------------------------------------------------------------------- masks

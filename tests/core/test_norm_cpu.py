@@ -137,22 +137,126 @@ def test_layer_norm_function_same_on_kernel_and_reference_paths(dtype):
         assert_allclose(k, r, **TOL[dtype], what=f"LayerNorm {name}: kernel vs reference")
 
 
+def laid_out(x, swap, contiguous):
+    """``(input, f)``: the array to hand to gradcheck and the function that turns its
+    Tensor into ``x``'s values, contiguous (the kernel's path) or a strided view (the
+    reference's path). gradcheck copies its inputs C-contiguous, so a view must be made
+    inside the checked function: by swapping two axes (``swap``, its own inverse)."""
+    if contiguous:
+        return x, lambda t: t
+    return np.ascontiguousarray(x.transpose(swap)), lambda t: F.permute(t, swap)
+
+
 @pytest.mark.parametrize("contiguous", [True, False])
 def test_layer_norm_gradcheck_on_both_paths(contiguous):
     rng = np.random.default_rng(6)
-    x = rng.normal(size=(5, 3, 4))
-    x = x if contiguous else x.transpose(1, 0, 2)
+    x, view = laid_out(rng.normal(size=(5, 3, 4)), (1, 0, 2), contiguous)
     w, b = rng.normal(size=4), rng.normal(size=4)
-    gradcheck(lambda x, w, b: F.layer_norm(x, w, b), [x, w, b],
-              name=f"layer_norm contiguous={contiguous}")
+    gradcheck(lambda x, w, b: F.layer_norm(view(x), w, b),
+              [x, w, b], name=f"layer_norm contiguous={contiguous}")
 
 
 @pytest.mark.parametrize("contiguous", [True, False])
 def test_frozen_batch_norm_gradcheck_on_both_paths(contiguous):
     rng = np.random.default_rng(7)
-    x = rng.normal(size=(2, 3, 4, 5))
-    x = x if contiguous else x.transpose(0, 1, 3, 2)
+    x, view = laid_out(rng.normal(size=(2, 3, 4, 5)), (0, 1, 3, 2), contiguous)
     w, b, mean = rng.normal(size=3), rng.normal(size=3), rng.normal(size=3)
     var = rng.uniform(0.5, 2, size=3)
-    gradcheck(lambda x, w, b: F.frozen_batch_norm(x, w, b, mean, var), [x, w, b],
-              name=f"frozen_batch_norm contiguous={contiguous}")
+    gradcheck(lambda x, w, b: F.frozen_batch_norm(view(x), w, b, mean, var),
+              [x, w, b], name=f"frozen_batch_norm contiguous={contiguous}")
+
+
+# --------------------------------------------------------------------------- group norm
+def composed_masked_group_norm(x, valid, G, w, b, eps):
+    """Mask-aware group norm as a composition of differentiable Functions (what
+    minidetr.models.backbone.masked_group_norm was before the fused Function)."""
+    B, C, H, W = x.shape
+    v = valid.reshape(B, 1, 1, H, W)                                   # (B, 1, 1, H, W)
+    count = valid.sum(axis=(1, 2, 3)).reshape(B, 1, 1, 1, 1) * (C // G)
+    xg = F.reshape(x, (B, G, C // G, H, W))                            # (B, G, C/G, H, W)
+    mean = F.sum(xg * v, axis=(2, 3, 4), keepdims=True) / count        # (B, G, 1, 1, 1)
+    centred = (xg - mean) * v
+    var = F.sum(centred * centred, axis=(2, 3, 4), keepdims=True) / count
+    x_hat = F.reshape(centred / F.sqrt(var + eps), (B, C, H, W))
+    return (x_hat * F.reshape(w, (1, C, 1, 1)) + F.reshape(b, (1, C, 1, 1))) * valid
+
+
+def padded_valid(shape, sizes, dtype):
+    """(B, 1, H, W) 0/1: image b covers the top-left sizes[b] = (h, w)."""
+    B, _, H, W = shape
+    v = np.zeros((B, 1, H, W), dtype)
+    for i, (h, w) in enumerate(sizes):
+        v[i, :, :h, :w] = 1
+    return v
+
+
+def run_group_norm(fn, x, w, b, g):
+    tx, tw, tb = (Tensor(a.copy(order="K"), requires_grad=True) for a in (x, w, b))  # layout kept
+    y = fn(tx, tw, tb)
+    y.backward(g)
+    return y.data, tx.grad, tw.grad, tb.grad
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("layout", ["contiguous", "view"])
+def test_group_norm_kernel_and_reference_against_composition(dtype, masked, layout):
+    """Kernel (contiguous input) and NumPy reference (a strided view) of GroupNorm both
+    against an independent computation: the composition of simpler Functions."""
+    rng = np.random.default_rng(10)
+    B, C, H, W, G = 3, 6, 5, 7, 3
+    base = (rng.normal(size=(B, C, W, H)) * 2 + 1).astype(dtype)
+    x = base.transpose(0, 1, 3, 2)                                     # (B, C, H, W) view
+    if layout == "contiguous":
+        x = np.ascontiguousarray(x)
+    w, b = rng.normal(size=C).astype(dtype), rng.normal(size=C).astype(dtype)
+    g = rng.normal(size=(B, C, H, W)).astype(dtype)
+    valid = padded_valid(x.shape, [(5, 7), (3, 4), (1, 2)] if masked else [(H, W)] * B, dtype)
+    got = run_group_norm(lambda x, w, b: F.group_norm(x, G, w, b, valid=valid if masked else None),
+                         x, w, b, g)
+    want = run_group_norm(lambda x, w, b: composed_masked_group_norm(x, valid, G, w, b, 1e-5),
+                          np.ascontiguousarray(x), w, b, g)
+    for name, k, r in zip(("y", "grad_x", "grad_weight", "grad_bias"), got, want):
+        assert_allclose(k, r, **TOL[dtype], what=f"group_norm masked={masked} {layout} {name}")
+
+
+def test_group_norm_kernel_padding_is_zero_and_ignored():
+    rng = np.random.default_rng(11)
+    x = rng.normal(size=(2, 4, 6, 6)).astype(np.float32)
+    valid = padded_valid(x.shape, [(6, 6), (3, 2)], np.float32)
+    y, _, _ = norm_cpu.group_norm_forward(x, valid, None, None, 2, 1e-5)
+    assert not y[1, :, 3:, :].any() and not y[1, :, :, 2:].any(), "padding must be 0"
+    x2 = x.copy()
+    x2[1, :, 3:, :] = 1e6                                  # garbage on the padding
+    y2, _, _ = norm_cpu.group_norm_forward(x2, valid, None, None, 2, 1e-5)
+    assert np.array_equal(y, y2), "values on the padding must not change the output"
+
+
+@pytest.mark.parametrize("contiguous", [True, False])
+def test_masked_group_norm_gradcheck_on_both_paths(contiguous):
+    rng = np.random.default_rng(12)
+    x, view = laid_out(rng.normal(size=(2, 4, 3, 5)), (0, 1, 3, 2), contiguous)
+    w, b = rng.normal(size=4), rng.normal(size=4)
+    valid = padded_valid((2, 4, 3, 5), [(3, 5), (2, 3)], np.float64)
+    gradcheck(lambda x, w, b: F.group_norm(view(x), 2, w, b, valid=valid),
+              [x, w, b], name=f"masked group_norm contiguous={contiguous}")
+
+
+def test_group_norm_rejects_a_valid_of_the_wrong_shape():
+    x = np.zeros((2, 4, 3, 5), np.float32)
+    with pytest.raises(ValueError, match=r"valid must have shape \(2, 1, 3, 5\).*got \(2, 3, 5\)"):
+        F.group_norm(x, 2, valid=np.ones((2, 3, 5), np.float32))
+
+
+def test_the_views_of_these_tests_take_the_reference_path(monkeypatch):
+    """The "view" cases above must not reach the kernels (else they test nothing new)."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("a strided view reached a Numba kernel")
+    for name in ("layer_norm_forward", "group_norm_forward", "scale_shift_channels"):
+        monkeypatch.setattr(norm_cpu, name, refuse)
+    x = np.random.default_rng(13).normal(size=(2, 4, 5, 3))
+    _, view = laid_out(x, (0, 1, 3, 2), contiguous=False)
+    t = view(Tensor(np.ascontiguousarray(x.transpose(0, 1, 3, 2))))
+    F.layer_norm(t, None, None)
+    F.group_norm(t, 2, valid=np.ones((2, 1, 5, 3)))
+    F.frozen_batch_norm(t, *(np.ones(4),) * 4)
