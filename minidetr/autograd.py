@@ -198,13 +198,22 @@ class Tensor:
         profiler = _profiling.profiler                 # None unless bench profile
         order = _topological_order(self)
         grads = {id(self): grad}
+        handed_out = {id(grad)}                # arrays the caller or a .grad already holds
         for t in reversed(order):
             g = grads.pop(id(t), None)
             if g is None:                      # no gradient reached this tensor
                 continue
             if t._node is None or t._retain_grad:
-                # copy: g may be a view shared with another tensor's gradient
-                t.grad = g.copy() if t.grad is None else t.grad + g
+                if t.grad is not None:
+                    t.grad = t.grad + g
+                elif g.base is None and id(g) not in handed_out:
+                    t.grad = g                 # a fresh array no one else holds: no copy
+                else:
+                    # copy: g is a view (of another gradient, or a broadcast) or an array
+                    # another .grad or the caller already holds; clipping scales .grad
+                    # in place, so no two may share memory
+                    t.grad = g.copy()
+                handed_out.add(id(t.grad))
             if t._node is None:
                 continue
             node = t._node

@@ -271,3 +271,23 @@ def test_detach_cuts_the_graph_and_shares_the_data():
     y.backward()
     assert_allclose(x.grad, [2.0, 4.0], rtol=0, what="grad through a detached factor")
     assert x.detach().data is x.data
+
+
+def test_leaf_gradients_never_share_memory_with_each_other_or_the_caller():
+    # The engine hands a fresh gradient array to a leaf without copying it; an array
+    # that another .grad or the caller holds, or a view, is copied (clipping scales
+    # .grad in place, so shared memory would scale twice).
+    a = Tensor(np.ones((2, 3), np.float32), requires_grad=True)
+    b = Tensor(np.ones((2, 3), np.float32), requires_grad=True)
+    upstream = np.full((2, 3), 2.0, np.float32)
+    (a + b).backward(upstream)                  # Add's backward passes one array to both
+    assert not np.shares_memory(a.grad, b.grad), "a.grad and b.grad share memory"
+    assert not np.shares_memory(a.grad, upstream) and not np.shares_memory(b.grad, upstream)
+    a.grad *= 0.5                               # what clip_grad_norm_ does
+    np.testing.assert_array_equal(b.grad, upstream, err_msg="scaling a.grad changed b.grad")
+    np.testing.assert_array_equal(upstream, np.full((2, 3), 2.0, np.float32),
+                                  err_msg="the caller's gradient was changed")
+    c = Tensor(np.ones(3, np.float32), requires_grad=True)
+    (F.expand(c.reshape(1, 3), (4, 3)) * 1.0).sum().backward()   # a broadcast view upstream
+    c.grad *= 2
+    np.testing.assert_array_equal(c.grad, np.full(3, 8.0, np.float32))
