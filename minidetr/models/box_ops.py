@@ -76,7 +76,8 @@ def box_cxcywh_to_xyxy(boxes):
     """
     _check_boxes("box_cxcywh_to_xyxy", boxes)
     cx, cy, w, h = (boxes[..., i] for i in range(4))          # each (...)
-    return F.stack([cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h], axis=-1)
+    half_w, half_h = 0.5 * w, 0.5 * h                         # each once (exact: x 0.5)
+    return F.stack([cx - half_w, cy - half_h, cx + half_w, cy + half_h], axis=-1)
 
 
 @_tensors_or_arrays
