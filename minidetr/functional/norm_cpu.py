@@ -13,13 +13,12 @@ Layer norm, x viewed as rows (R, C) = (prod(...), C)::
               saves mean, rstd (R,) float64 instead of x_hat (R, C)
     backward  per row: x_hat recomputed from x, mean and rstd;
               sum(g * w), sum(g * w * x_hat) -> grad_x = rstd (g w - mean(g w) - x_hat mean(g w x_hat))
-              grad_weight = sum_rows g * x_hat, grad_bias = sum_rows g
+              grad_weight = sum_rows g * x_hat, grad_bias = sum_rows g (float64)
 
 Statistics and sums are accumulated in float64 whatever the data's dtype (the reference
 accumulates float32 data in float32, so the two agree to float32 rounding, not bit for
-bit). grad_weight and grad_bias are summed per block of rows into a (BLOCKS, C) float64
-table, then over the blocks in order: the blocks do not depend on the thread count, so
-the result is the same on every machine size (deterministic, no atomics).
+bit). ``fastmath={"reassoc"}`` lets LLVM split those sums into SIMD partial sums (3x
+faster): it changes the order of the additions, so the rounding, and nothing else.
 
 Group norm, x viewed as (B, C, P) with P = prod(*), G groups of C/G channels, and an
 optional 0/1 ``valid`` (B, P) that restricts the statistics to the image's own pixels
@@ -29,26 +28,27 @@ optional 0/1 ``valid`` (B, P) that restricts the statistics to the image's own p
               y = (x_hat * weight + bias) * valid;  saves mean, rstd (B, G)
     backward  per (image, group), m valid elements, g = grad * weight * valid:
               grad_x = valid * rstd * (g - sum(g)/m - x_hat sum(g x_hat)/m);
-              the weight/bias sums of image b go to row b of a (B, C) table (each
-              (image, group) pair writes only its own channels), then over b in order
+              the weight/bias sums of image b go to row b of a (B, C) float64 table,
+              then are added over b
 
 Frozen batch norm, x viewed as (N, C, P) with P = prod(*)::
 
     forward   y = x * scale[c] + shift[c], one multiply-add per element
     (its backward, grad * scale[c], is one NumPy multiply in norm.py)
 
-Parallelism: ``prange`` over rows (layer norm forward), blocks of rows (layer norm
-backward), (image, group) pairs (group norm) or (n, c) planes (frozen batch norm). Compilation: on first use, once per
-dtype, cached on disk (``cache=True``): later processes load them in well under a second.
+Threads: none; every kernel runs in the calling thread. These calls take 0.1-0.5 ms
+and are limited by memory bandwidth, and on 2 cores ``parallel=True`` was no faster at
+best, while waking Numba's sleeping workers (``OMP_WAIT_POLICY=PASSIVE``, see
+``minidetr/__init__.py``) cost up to 5 ms per call on a busy machine (median over 30
+calls of the layer norm forward at (2, 1360, 128): 0.25 ms serial, 2-5 ms parallel).
+
+Compilation: on first use, once per dtype, cached on disk (``cache=True``): later
+processes load them in a few milliseconds.
 """
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
-
-BLOCKS = 16          # row blocks of the layer norm backward's weight/bias sums (fixed:
-                     # the sums must not depend on the number of threads)
-
+from numba import njit
 
 def applies(*arrays) -> bool:
     """True when the kernels can take these arrays (None entries are skipped): NumPy
@@ -60,11 +60,11 @@ def applies(*arrays) -> bool:
 
 
 # --------------------------------------------------------------------------- layer norm
-@njit(parallel=True, cache=True, fastmath={"reassoc"})
+@njit(cache=True, fastmath={"reassoc"})
 def _layer_norm_forward(x, weight, bias, eps, y, mean, rstd):
     """Rows of x (R, C) standardised, scaled and shifted into y (R, C); mean, rstd (R,)."""
     R, C = x.shape
-    for r in prange(R):
+    for r in range(R):
         s = 0.0                                   # float64 accumulators
         for c in range(C):
             s += x[r, c]
@@ -80,31 +80,29 @@ def _layer_norm_forward(x, weight, bias, eps, y, mean, rstd):
             y[r, c] = (x[r, c] - mu) * rs * weight[c] + bias[c]
 
 
-@njit(parallel=True, cache=True, fastmath={"reassoc"})
-def _layer_norm_backward(grad, x, weight, mean, rstd, need_x, grad_x, partial_w, partial_b):
-    """grad_x (R, C) (when ``need_x``) and per-block sums partial_w, partial_b (BLOCKS, C)."""
+@njit(cache=True, fastmath={"reassoc"})
+def _layer_norm_backward(grad, x, weight, mean, rstd, need_x, grad_x, sum_w, sum_b):
+    """grad_x (R, C) (when ``need_x``); sum_w, sum_b (C,) float64 += the weight/bias sums."""
     R, C = x.shape
-    blocks = partial_w.shape[0]
-    for k in prange(blocks):
-        for r in range(k * R // blocks, (k + 1) * R // blocks):
-            mu = mean[r]
-            rs = rstd[r]
-            s_g = 0.0                             # sum_c g_c w_c
-            s_gx = 0.0                            # sum_c g_c w_c x_hat_c
+    for r in range(R):
+        mu = mean[r]
+        rs = rstd[r]
+        s_g = 0.0                                 # sum_c g_c w_c
+        s_gx = 0.0                                # sum_c g_c w_c x_hat_c
+        for c in range(C):
+            x_hat = (x[r, c] - mu) * rs
+            g = grad[r, c]
+            sum_w[c] += g * x_hat
+            sum_b[c] += g
+            gw = g * weight[c]
+            s_g += gw
+            s_gx += gw * x_hat
+        if need_x:
+            m_g = s_g / C
+            m_gx = s_gx / C
             for c in range(C):
                 x_hat = (x[r, c] - mu) * rs
-                g = grad[r, c]
-                partial_w[k, c] += g * x_hat
-                partial_b[k, c] += g
-                gw = g * weight[c]
-                s_g += gw
-                s_gx += gw * x_hat
-            if need_x:
-                m_g = s_g / C
-                m_gx = s_gx / C
-                for c in range(C):
-                    x_hat = (x[r, c] - mu) * rs
-                    grad_x[r, c] = rs * (grad[r, c] * weight[c] - m_g - x_hat * m_gx)
+                grad_x[r, c] = rs * (grad[r, c] * weight[c] - m_g - x_hat * m_gx)
 
 
 def layer_norm_forward(x, weight, bias, eps):
@@ -134,18 +132,16 @@ def layer_norm_backward(grad, x, weight, mean, rstd, need_x=True):
     rows = x.reshape(-1, C)                                            # (R, C)
     grad_rows = grad.reshape(-1, C)                                    # (R, C)
     weight = np.ones(C, x.dtype) if weight is None else weight
-    blocks = max(1, min(BLOCKS, rows.shape[0]))
-    partial_w = np.zeros((blocks, C), np.float64)                      # (BLOCKS, C)
-    partial_b = np.zeros((blocks, C), np.float64)                      # (BLOCKS, C)
+    sum_w = np.zeros(C, np.float64)                                    # (C,)
+    sum_b = np.zeros(C, np.float64)                                    # (C,)
     grad_x = np.empty_like(rows) if need_x else np.empty((0, C), x.dtype)
-    _layer_norm_backward(grad_rows, rows, weight, mean, rstd, need_x, grad_x,
-                         partial_w, partial_b)
+    _layer_norm_backward(grad_rows, rows, weight, mean, rstd, need_x, grad_x, sum_w, sum_b)
     return (grad_x.reshape(x.shape) if need_x else None,
-            partial_w.sum(axis=0).astype(x.dtype), partial_b.sum(axis=0).astype(x.dtype))
+            sum_w.astype(x.dtype), sum_b.astype(x.dtype))
 
 
 # --------------------------------------------------------------------------- group norm
-@njit(parallel=True, cache=True, fastmath={"reassoc"})
+@njit(cache=True, fastmath={"reassoc"})
 def _group_norm_forward(x, valid, weight, bias, eps, y, mean, rstd):
     """x (B, C, P) standardised per (image, group) over its valid pixels into y (B, C, P).
 
@@ -155,7 +151,7 @@ def _group_norm_forward(x, valid, weight, bias, eps, y, mean, rstd):
     B, C, P = x.shape
     G = mean.shape[1]
     Cg = C // G
-    for bg in prange(B * G):
+    for bg in range(B * G):
         b = bg // G
         g = bg % G
         count = 0.0
@@ -181,7 +177,7 @@ def _group_norm_forward(x, valid, weight, bias, eps, y, mean, rstd):
                 y[b, c, p] = (x_hat * weight[c] + bias[c]) * valid[b, p]
 
 
-@njit(parallel=True, cache=True, fastmath={"reassoc"})
+@njit(cache=True, fastmath={"reassoc"})
 def _group_norm_backward(grad, x, valid, weight, mean, rstd, need_x, grad_x, partial_w,
                          partial_b):
     """grad_x (B, C, P) (when ``need_x``) and per-image sums partial_w, partial_b (B, C).
@@ -192,7 +188,7 @@ def _group_norm_backward(grad, x, valid, weight, mean, rstd, need_x, grad_x, par
     B, C, P = x.shape
     G = mean.shape[1]
     Cg = C // G
-    for bg in prange(B * G):
+    for bg in range(B * G):
         b = bg // G
         gr = bg % G
         mu = mean[b, gr]
@@ -211,7 +207,7 @@ def _group_norm_backward(grad, x, valid, weight, mean, rstd, need_x, grad_x, par
                 x_hat = (x[b, c, p] - mu) * rs
                 w_sum += gv * x_hat
                 b_sum += gv
-            partial_w[b, c] = w_sum               # this pair's own channels: no conflicts
+            partial_w[b, c] = w_sum
             partial_b[b, c] = b_sum
             s_g += b_sum * weight[c]
             s_gx += w_sum * weight[c]
@@ -266,11 +262,11 @@ def group_norm_backward(grad, x, valid, weight, mean, rstd, need_x=True):
 
 
 # --------------------------------------------------------------------------- frozen batch norm
-@njit(parallel=True, cache=True)
+@njit(cache=True)
 def _scale_shift_channels(x, scale, shift, y):
     """y[n, c, p] = x[n, c, p] * scale[c] + shift[c] for x, y (N, C, P)."""
     N, C, P = x.shape
-    for nc in prange(N * C):
+    for nc in range(N * C):
         n = nc // C
         c = nc % C
         a = scale[c]

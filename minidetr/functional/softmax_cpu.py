@@ -14,20 +14,20 @@ are accumulated in float64 (``reassoc``: LLVM may split them into SIMD partial s
 which changes the rounding and nothing else). :class:`.activation.Softmax` calls them for NumPy
 float32/float64 C-contiguous arrays along the last axis (:func:`.norm_cpu.applies`).
 
-Parallelism: ``prange`` over rows. Compilation: on first use, once per dtype, cached on
-disk (``cache=True``).
+Threads: none (the calling thread), as for the kernels of :mod:`.norm_cpu` and for the
+same reason. Compilation: on first use, once per dtype, cached on disk (``cache=True``).
 """
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 
-@njit(parallel=True, cache=True)
+@njit(cache=True)
 def _subtract_row_max(x, z):
     """z (R, n) = x - max of its row, for x (R, n); a NaN in a row makes the max NaN."""
     R, n = x.shape
-    for r in prange(R):
+    for r in range(R):
         m = x[r, 0]
         for i in range(1, n):
             if x[r, i] > m or x[r, i] != x[r, i]:     # NaN wins, as in NumPy's max
@@ -36,11 +36,11 @@ def _subtract_row_max(x, z):
             z[r, i] = x[r, i] - m
 
 
-@njit(parallel=True, cache=True, fastmath={"reassoc"})
+@njit(cache=True, fastmath={"reassoc"})
 def _divide_by_row_sum(e):
     """e (R, n) divided in place by the sum of its row (accumulated in float64)."""
     R, n = e.shape
-    for r in prange(R):
+    for r in range(R):
         s = 0.0
         for i in range(n):
             s += e[r, i]
@@ -49,11 +49,11 @@ def _divide_by_row_sum(e):
             e[r, i] = e[r, i] * inv
 
 
-@njit(parallel=True, cache=True, fastmath={"reassoc"})
+@njit(cache=True, fastmath={"reassoc"})
 def _softmax_backward(grad, y, grad_x):
     """grad_x (R, n) = y (g - sum(g y)) for each row of grad, y (R, n)."""
     R, n = y.shape
-    for r in prange(R):
+    for r in range(R):
         d = 0.0                                       # float64 accumulator
         for i in range(n):
             d += grad[r, i] * y[r, i]
