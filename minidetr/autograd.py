@@ -206,7 +206,7 @@ class Tensor:
             if t._node is None or t._retain_grad:
                 if t.grad is not None:
                     t.grad = t.grad + g
-                elif g.base is None and id(g) not in handed_out:
+                elif getattr(g, "base", False) is None and id(g) not in handed_out:
                     t.grad = g                 # a fresh array no one else holds: no copy
                 else:
                     # copy: g is a view (of another gradient, or a broadcast) or an array
