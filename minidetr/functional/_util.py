@@ -57,6 +57,18 @@ def index_add(xp, target, index, values):
     return target
 
 
+def cpu_kernels_apply(*arrays) -> bool:
+    """True when the fused Numba CPU kernels (``norm_cpu``, ``softmax_cpu``) can take these
+    arrays (None entries are skipped): non-empty NumPy arrays, all float32 or all float64,
+    all C-contiguous. Anything else (CuPy, other dtypes, strided views) takes the NumPy
+    reference code of the Function."""
+    present = [a for a in arrays if a is not None]
+    return (all(type(a) is np.ndarray for a in present)
+            and present[0].size > 0
+            and present[0].dtype in (np.float32, np.float64)
+            and all(a.dtype == present[0].dtype and a.flags.c_contiguous for a in present))
+
+
 def tensor_or_array(x):
     """A Tensor stays a Tensor; anything else becomes an array (Python floats: float32)."""
     return x if isinstance(x, Tensor) else as_array(x)

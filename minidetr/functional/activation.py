@@ -17,9 +17,7 @@ code takes" (relu).
 from __future__ import annotations
 
 from ..autograd import Function
-from . import softmax_cpu
-from .norm_cpu import applies as kernels_apply
-from ._util import single_axis, tensor_or_array
+from ._util import cpu_kernels_apply, single_axis, tensor_or_array
 
 
 def _stable_sigmoid(xp, x):
@@ -109,8 +107,9 @@ class Softmax(Function):
     @staticmethod
     def forward(ctx, x, axis):
         ctx.axis = axis
-        ctx.fused = axis == x.ndim - 1 and x.size > 0 and kernels_apply(x)
+        ctx.fused = axis == x.ndim - 1 and cpu_kernels_apply(x)
         if ctx.fused:
+            from . import softmax_cpu                                  # Numba, on first use
             y = softmax_cpu.softmax_forward(x)
             ctx.save_for_backward(y)
             return y
@@ -124,6 +123,7 @@ class Softmax(Function):
     def backward(ctx, grad):
         y, = ctx.saved_tensors
         if ctx.fused:
+            from . import softmax_cpu
             return softmax_cpu.softmax_backward(ctx.xp.ascontiguousarray(grad), y), None
         dot = (grad * y).sum(axis=ctx.axis, keepdims=True)  # sum_j g_j y_j, one per row
         return y * (grad - dot), None

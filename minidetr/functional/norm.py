@@ -30,8 +30,7 @@ from __future__ import annotations
 
 from ..autograd import Function, Tensor
 from ..backend import get_array_module
-from . import norm_cpu
-from ._util import same_float_dtype
+from ._util import cpu_kernels_apply, same_float_dtype
 
 
 # --------------------------------------------------------------------------- shared core
@@ -69,8 +68,9 @@ class LayerNorm(Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, eps):
-        ctx.fused = x.size > 0 and norm_cpu.applies(x, weight, bias)
+        ctx.fused = cpu_kernels_apply(x, weight, bias)
         if ctx.fused:       # one Numba kernel; saves x and the row statistics, not x_hat
+            from . import norm_cpu                                     # Numba, on first use
             y, mean, rstd = norm_cpu.layer_norm_forward(x, weight, bias, eps)  # (R,) each
             ctx.save_for_backward(x, mean, rstd, weight)
             return y
@@ -85,6 +85,7 @@ class LayerNorm(Function):
     def backward(ctx, grad):
         need_x, need_w, need_b, _ = ctx.needs_input_grad
         if ctx.fused:
+            from . import norm_cpu
             x, mean, rstd, weight = ctx.saved_tensors
             grad_x, grad_w, grad_b = norm_cpu.layer_norm_backward(
                 ctx.xp.ascontiguousarray(grad), x, weight, mean, rstd, need_x)
@@ -137,8 +138,9 @@ class GroupNorm(Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, num_groups, eps, valid):
-        ctx.fused = x.size > 0 and norm_cpu.applies(x, weight, bias, valid)
+        ctx.fused = cpu_kernels_apply(x, weight, bias, valid)
         if ctx.fused:       # one Numba kernel; saves x and the (B, G) statistics
+            from . import norm_cpu                                     # Numba, on first use
             y, mean, rstd = norm_cpu.group_norm_forward(x, valid, weight, bias,
                                                         num_groups, eps)
             ctx.save_for_backward(x, valid, weight, mean, rstd)
@@ -161,6 +163,7 @@ class GroupNorm(Function):
     def backward(ctx, grad):
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         if ctx.fused:
+            from . import norm_cpu
             x, valid, weight, mean, rstd = ctx.saved_tensors
             grad_x, grad_w, grad_b = norm_cpu.group_norm_backward(
                 ctx.xp.ascontiguousarray(grad), x, valid, weight, mean, rstd, need_x)
@@ -276,7 +279,8 @@ class FrozenBatchNorm(Function):
         shift = bias - running_mean * scale
         shape = _channel_shape(x)                                      # (C, 1, ..., 1)
         ctx.save_for_backward(x, scale, rstd, running_mean)
-        if x.size > 0 and norm_cpu.applies(x, scale, shift):          # one multiply-add
+        if cpu_kernels_apply(x, scale, shift):                         # one multiply-add
+            from . import norm_cpu                                     # Numba, on first use
             return norm_cpu.scale_shift_channels(x, scale, shift)
         return x * scale.reshape(shape) + shift.reshape(shape)
 

@@ -50,15 +50,6 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-def applies(*arrays) -> bool:
-    """True when the kernels can take these arrays (None entries are skipped): NumPy
-    arrays, all float32 or all float64, all C-contiguous."""
-    present = [a for a in arrays if a is not None]
-    return (all(type(a) is np.ndarray for a in present)
-            and present[0].dtype in (np.float32, np.float64)
-            and all(a.dtype == present[0].dtype and a.flags.c_contiguous for a in present))
-
-
 # --------------------------------------------------------------------------- layer norm
 @njit(cache=True, fastmath={"reassoc"})
 def _layer_norm_forward(x, weight, bias, eps, y, mean, rstd):

@@ -12,7 +12,8 @@ full-size temporaries (``x - max``, ``exp``, the quotient, and in backward ``g *
 The exponentials are in the data's dtype (as in the reference); the sums ``s`` and ``d``
 are accumulated in float64 (``reassoc``: LLVM may split them into SIMD partial sums,
 which changes the rounding and nothing else). :class:`.activation.Softmax` calls them for NumPy
-float32/float64 C-contiguous arrays along the last axis (:func:`.norm_cpu.applies`).
+float32/float64 C-contiguous arrays along the last axis (:func:`._util.cpu_kernels_apply`),
+and imports this module, and so Numba, on first use only.
 
 Threads: none (the calling thread), as for the kernels of :mod:`.norm_cpu` and for the
 same reason. Compilation: on first use, once per dtype, cached on disk (``cache=True``).

@@ -9,12 +9,16 @@
 """
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
 import minidetr.functional as F
 from minidetr.autograd import Tensor
 from minidetr.functional import norm, norm_cpu
+from minidetr.functional._util import cpu_kernels_apply
 from minidetr.testing import assert_allclose, gradcheck
 
 TOL = {np.float32: dict(rtol=2e-5, atol=2e-5), np.float64: dict(rtol=1e-12, atol=1e-12)}
@@ -89,14 +93,22 @@ def test_scale_shift_kernel_is_bit_identical(dtype, shape):
 
 
 # --------------------------------------------------------------------------- dispatch
-def test_applies_only_to_contiguous_numpy_float_arrays():
+def test_kernels_apply_only_to_contiguous_numpy_float_arrays():
     a = np.zeros((4, 6), np.float32)
-    assert norm_cpu.applies(a, np.ones(6, np.float32), None)
-    assert not norm_cpu.applies(a.T, None), "a transposed view is not C-contiguous"
-    assert not norm_cpu.applies(a[:, ::2]), "a strided view is not C-contiguous"
-    assert not norm_cpu.applies(a.astype(np.float16)), "float16 has no kernel"
-    assert not norm_cpu.applies(a, np.ones(6, np.float64)), "mixed dtypes"
-    assert not norm_cpu.applies([[0.0]]), "a list is not an array"
+    assert cpu_kernels_apply(a, np.ones(6, np.float32), None)
+    assert not cpu_kernels_apply(a.T, None), "a transposed view is not C-contiguous"
+    assert not cpu_kernels_apply(a[:, ::2]), "a strided view is not C-contiguous"
+    assert not cpu_kernels_apply(a.astype(np.float16)), "float16 has no kernel"
+    assert not cpu_kernels_apply(a, np.ones(6, np.float64)), "mixed dtypes"
+    assert not cpu_kernels_apply([[0.0]]), "a list is not an array"
+    assert not cpu_kernels_apply(np.zeros((0, 6), np.float32)), "an empty array"
+
+
+def test_importing_functional_does_not_import_numba():
+    """Numba (0.2 s to import) loads with the first kernel call, not with minidetr.functional."""
+    code = ("import sys, minidetr.functional; "
+            "assert 'numba' not in sys.modules, 'minidetr.functional imported numba'")
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
