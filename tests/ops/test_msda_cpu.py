@@ -292,6 +292,45 @@ def test_numba_parallel_path_is_exact_and_deterministic(rng):
                             what=f"numba parallel, head_major={head_major}")
 
 
+def test_numba_head_groups_give_the_same_bits(rng):
+    """The tasks split each image's heads into groups; every grouping gives equal bits.
+
+    Each value row is owned by one task and receives its contributions query by query
+    whatever the grouping, so the thread count cannot change the result.
+    """
+    from minidetr.ops.msda import numba_cpu
+    args = msda.validate_inputs(*make_inputs(rng, N=2, shapes=[(5, 6), (3, 3)], M=4, D=6,
+                                             Lq=7, K=3, dtype=np.float32))
+    g = rng.standard_normal((2, 7, 24)).astype(np.float32)
+    results = {}
+    for groups in (1, 2, 4):
+        for head_major in (True, False):
+            results[groups, head_major] = [
+                numba_cpu.forward(*args, head_major=head_major, groups=groups),
+                *numba_cpu.backward(g, *args, head_major=head_major, groups=groups)]
+    for key, arrays in results.items():
+        for name, a, b in zip(["output", "grad_value", "grad_loc", "grad_attn"], arrays,
+                              results[1, key[1]]):
+            np.testing.assert_array_equal(a, b, err_msg=f"groups={key[0]} vs 1, "
+                                                        f"head_major={key[1]}: {name}")
+
+
+@pytest.mark.parametrize("N, M, threads, expected", [
+    (2, 8, 2, 1),     # training batch on 2 cores: one task per image, all heads inside
+    (1, 8, 2, 2),     # one image: two tasks of 4 heads
+    (8, 4, 2, 1),
+    (2, 8, 16, 8),    # many cores: one head per task
+    (3, 8, 4, 4),     # 12 tasks on 4 threads, 3 each
+    (1, 8, 3, 8),     # 8 tasks on 3 threads beat 4 (3/8 of the work at most, not 1/2)
+    (2, 8, 1, 1),
+])
+def test_numba_head_groups_policy(N, M, threads, expected):
+    from minidetr.ops.msda import numba_cpu
+    groups = numba_cpu.head_groups(N, M, threads)
+    assert groups == expected, f"head_groups({N}, {M}, {threads}) = {groups}, expected {expected}"
+    assert M % groups == 0
+
+
 def test_numba_is_the_default_on_the_cpu(rng):
     args = make_inputs(rng, N=1, shapes=[(2, 3)], M=1, D=2, Lq=2, K=1)
     assert msda.resolve_backend(None, args[0]) == "numba"

@@ -4,30 +4,42 @@ The kernels compute exactly what :mod:`.reference` computes (same sampling conve
 same skip rule at the borders), one sampling point at a time instead of one level at a
 time, so they need none of the reference's large (N, Lq, M, K, D) temporaries.
 
-Parallelism: ``prange`` over the N*M (image, head) pairs. A pair reads only its own
-head's value map and, in the backward pass, scatters only into its own head's rows of
-``grad_value``: no two threads ever write the same row, so there are no atomics and no
-locks, and the result is deterministic. (The official CUDA op uses one thread per output
-channel and atomicAdd instead.) With the paper's N = 2, M = 8 there are 16 pairs.
+Parallelism: ``prange`` over tasks of one image and a group of its heads, and inside a
+task over the queries, then the group's heads (:func:`head_groups` picks the fewest
+groups that keep every thread busy: one group of all M heads when N >= threads). A task
+reads only its own heads' value maps and, in the backward pass, scatters only into its
+own heads' rows of ``grad_value``: no two threads ever write the same row, so there are
+no atomics and no locks. Every row receives its contributions in the same order (query
+by query) however the heads are grouped, so the result is deterministic and the same
+bits on any number of threads. (The official CUDA op uses one thread per output channel
+and atomicAdd instead.) Heads innermost makes every per-query array stream through
+memory in order: the M rows of one query are neighbours in ``sampling_locations``,
+``attention_weights``, ``grad_output`` and their gradients (with one head per task, as
+before, a task read 128 bytes of every 1 KiB and stalled on cache misses).
 
-Memory layout. The value arrives as (N, S, M, D): the M heads of one pixel side by side.
-An (image, head) pair then uses 128 bytes of every 1 KiB (M*D floats at D = 32) and
-fills only an eighth of the cache sets. When the value is read many times (at least
-one sampling point per value row, as in the encoder), the kernels first copy it
-head-major, (N, M, S, D): each pair's map is one contiguous block of S rows of D
-channels, and neighbouring pixels are neighbouring rows (1.5x faster at the encoder
-shape). When few rows are read (the decoder's 300 queries), the copy would cost more
-than it saves and the kernels read the input layout directly. Both are "rows of D
-channels" with strides: the row of (n, m, s) is n*sn + m*sm + s*ss. The other arrays
-are viewed as 2-d tables, one row per (n, q, m):
+Memory layout. The value arrives as (N, S, M, D): the M heads of one pixel side by side,
+so one head's map uses 128 bytes of every 1 KiB (M*D floats at D = 32). When the value
+is read many times (at least one sampling point per value row, as in the encoder), the
+kernels first copy it head-major, (N, M, S, D): each head's map is one contiguous block
+of S rows of D channels, and neighbouring pixels are neighbouring rows, which the
+backward pass's scatter into ``grad_value`` (same layout) likes best. When few rows are
+read (the decoder's 300 queries), the copy would cost more than it saves and the
+kernels read the input layout directly. Both are "rows of D channels" with strides: the
+row of (n, m, s) is n*sn + m*sm + s*ss. The other arrays are viewed as 2-d tables, one
+row per (n, q, m):
 
     value                 (N, M, S, D) or (N, S, M, D) -> rows (N*M*S, D), strides (sn, sm, ss)
     sampling_locations    (N, Lq, M, L, K, 2)  -> rows (N*Lq*M, L*K*2)
     attention_weights     (N, Lq, M, L, K)     -> rows (N*Lq*M, L*K)
     output, grad_output   (N, Lq, M*D)         -> rows (N*Lq*M, D)
 
-and the innermost loops run over the D contiguous channels of a row, which LLVM turns
-into SIMD instructions.
+Per query and head the kernels first fill a small corner table (:func:`_corners`): for
+each of the L*K points its four neighbours' value rows (-1 outside the map or for a
+skipped point), their weights a*w_c and the point's (lh, lw). The forward pass then sums
+the weighted rows, the backward pass takes the dot products with the rows and scatters
+into ``grad_value`` from the same table, and derives the location and attention
+gradients from the dot products. The innermost loops run over the D contiguous channels
+of a row, which LLVM turns into SIMD instructions.
 
 Precision: coordinates and sums stay in the data's dtype (float32 data is never upcast).
 ``fastmath`` is off, except ``reassoc`` in :func:`_dot`: it lets LLVM split the
@@ -115,52 +127,82 @@ def _from_head_major(value_hm, out):
                 out[n, s, m, d] = value_hm[n, m, s, d]
 
 
-# --------------------------------------------------------------------------- forward
-@njit(parallel=True, cache=True)
-def _forward_kernel(value_rows, strides, N, M, Lq, spatial_shapes, sizes, level_start_index,
-                    loc_rows, attn_rows, zero, half, one, out_rows):
-    """out[n, q, m, :] = sum_{l,k} a * sum_c w_c * value[n, row_c, m, :]   (Eq. 3)."""
+# --------------------------------------------------------------------------- corners
+@njit(inline="always", cache=True)
+def _corners(loc_rows, attn_rows, qi, spatial_shapes, sizes, level_start_index, head_row, ss,
+             half, one, rows, weights, fracs):
+    """The corner table of one query and head: the row qi = (n, q, m) of loc/attn.
+
+    For point p = l*K + k and corner c (0: (h0, w0), 1: (h0, w0+1), 2: (h0+1, w0),
+    3: (h0+1, w0+1)) it writes ``rows[4p + c]``, the value row of the neighbour (-1 when
+    the neighbour is outside the map or the point is skipped), ``weights[4p + c]`` = a w_c,
+    the attention weight times the bilinear weight, and ``fracs[p] = (lh, lw)``.
+    ``head_row`` is the value row of pixel 0 of this (image, head): n*sn + m*sm.
+    Shapes: rows, weights (4*L*K,); fracs (L*K, 2).
+    """
     L = spatial_shapes.shape[0]
     K = attn_rows.shape[1] // L
+    for l in range(L):
+        H = spatial_shapes[l, 0]
+        W = spatial_shapes[l, 1]
+        level = head_row + level_start_index[l] * ss              # value row of pixel (0, 0)
+        down = W * ss                                              # one pixel row down
+        for k in range(K):
+            p = l * K + k                    # the point's column in loc/attn rows
+            c = 4 * p                        # its first corner in the table
+            ok, h0, w0, lh, lw = _point(loc_rows[qi, 2 * p], loc_rows[qi, 2 * p + 1],
+                                        sizes[l, 0], sizes[l, 1], half)
+            if not ok:
+                rows[c] = rows[c + 1] = rows[c + 2] = rows[c + 3] = -1
+                continue
+            a = attn_rows[qi, p]
+            hh = one - lh
+            hw = one - lw
+            top, bottom = h0 >= 0, h0 + 1 <= H - 1          # which neighbours exist
+            left, right = w0 >= 0, w0 + 1 <= W - 1
+            r = level + (h0 * W + w0) * ss                  # row of neighbour (h0, w0)
+            rows[c] = r if top and left else -1
+            rows[c + 1] = r + ss if top and right else -1
+            rows[c + 2] = r + down if bottom and left else -1
+            rows[c + 3] = r + down + ss if bottom and right else -1
+            weights[c] = a * hh * hw
+            weights[c + 1] = a * hh * lw
+            weights[c + 2] = a * lh * hw
+            weights[c + 3] = a * lh * lw
+            fracs[p, 0] = lh
+            fracs[p, 1] = lw
+
+
+# --------------------------------------------------------------------------- forward
+@njit(parallel=True, cache=True)
+def _forward_kernel(value_rows, strides, N, M, groups, Lq, spatial_shapes, sizes,
+                    level_start_index, loc_rows, attn_rows, zero, half, one, out_rows):
+    """out[n, q, m, :] = sum_{l,k} a * sum_c w_c * value[n, row_c, m, :]   (Eq. 3)."""
+    P = attn_rows.shape[1]                          # L*K points per query and head
     D = value_rows.shape[1]
     sn, sm, ss = strides                            # value row of (n, m, s): n*sn + m*sm + s*ss
-    for nm in prange(N * M):                        # one (image, head) pair per task
-        n, m = nm // M, nm % M
+    G = M // groups                                 # heads per task
+    for task in prange(N * groups):                 # one (image, head group) per task
+        n, first = task // groups, (task % groups) * G
         acc = np.empty((1, D), dtype=value_rows.dtype)   # the output row being summed
+        rows = np.empty(4 * P, dtype=np.int64)           # the corner table, (4*L*K,)
+        weights = np.empty(4 * P, dtype=value_rows.dtype)
+        fracs = np.empty((P, 2), dtype=value_rows.dtype)
         for q in range(Lq):
-            qi = (n * Lq + q) * M + m                # row of (n, q, m) in loc/attn/out
-            acc[0, :] = zero
-            for l in range(L):
-                H = spatial_shapes[l, 0]
-                W = spatial_shapes[l, 1]
-                level = n * sn + m * sm + level_start_index[l] * ss   # row of pixel (0, 0)
-                down = W * ss                                          # one pixel row down
-                for k in range(K):
-                    p = l * K + k                    # the point's column in loc/attn rows
-                    ok, h0, w0, lh, lw = _point(loc_rows[qi, 2 * p], loc_rows[qi, 2 * p + 1],
-                                                sizes[l, 0], sizes[l, 1], half)
-                    if not ok:
-                        continue
-                    a = attn_rows[qi, p]
-                    hh = one - lh
-                    hw = one - lw
-                    top, bottom = h0 >= 0, h0 + 1 <= H - 1      # which neighbours exist
-                    left, right = w0 >= 0, w0 + 1 <= W - 1
-                    r = level + (h0 * W + w0) * ss              # row of neighbour (h0, w0)
-                    if top and left:
-                        _axpy(acc, 0, a * hh * hw, value_rows, r)
-                    if top and right:
-                        _axpy(acc, 0, a * hh * lw, value_rows, r + ss)
-                    if bottom and left:
-                        _axpy(acc, 0, a * lh * hw, value_rows, r + down)
-                    if bottom and right:
-                        _axpy(acc, 0, a * lh * lw, value_rows, r + down + ss)
-            out_rows[qi, :] = acc[0, :]
+            for m in range(first, first + G):       # the heads of one query: adjacent rows
+                qi = (n * Lq + q) * M + m            # row of (n, q, m) in loc/attn/out
+                _corners(loc_rows, attn_rows, qi, spatial_shapes, sizes, level_start_index,
+                         n * sn + m * sm, ss, half, one, rows, weights, fracs)
+                acc[0, :] = zero
+                for c in range(4 * P):
+                    if rows[c] >= 0:
+                        _axpy(acc, 0, weights[c], value_rows, rows[c])
+                out_rows[qi, :] = acc[0, :]
 
 
 # --------------------------------------------------------------------------- backward
 @njit(parallel=True, cache=True)
-def _backward_kernel(grad_rows, value_rows, strides, N, M, Lq, spatial_shapes, sizes,
+def _backward_kernel(grad_rows, value_rows, strides, N, M, groups, Lq, spatial_shapes, sizes,
                      level_start_index, loc_rows, attn_rows, zero, half, one,
                      grad_value_rows, grad_loc_rows, grad_attn_rows):
     """Gradients of :func:`_forward_kernel` (derivation: :func:`.reference.backward`).
@@ -171,46 +213,45 @@ def _backward_kernel(grad_rows, value_rows, strides, N, M, Lq, spatial_shapes, s
     """
     L = spatial_shapes.shape[0]
     K = attn_rows.shape[1] // L
+    P = L * K
     sn, sm, ss = strides
-    for nm in prange(N * M):                        # a pair owns its head's rows: no races
-        n, m = nm // M, nm % M
+    G = M // groups
+    for task in prange(N * groups):                 # a task owns its heads' rows: no races
+        n, first = task // groups, (task % groups) * G
+        rows = np.empty(4 * P, dtype=np.int64)
+        weights = np.empty(4 * P, dtype=value_rows.dtype)
+        fracs = np.empty((P, 2), dtype=value_rows.dtype)
+        dots = np.empty(4 * P, dtype=value_rows.dtype)   # p_c = g . v_c, 0 outside
         for q in range(Lq):
-            qi = (n * Lq + q) * M + m
-            for l in range(L):
-                H = spatial_shapes[l, 0]
-                W = spatial_shapes[l, 1]
-                level = n * sn + m * sm + level_start_index[l] * ss
-                down = W * ss
-                for k in range(K):
-                    p = l * K + k
-                    ok, h0, w0, lh, lw = _point(loc_rows[qi, 2 * p], loc_rows[qi, 2 * p + 1],
-                                                sizes[l, 0], sizes[l, 1], half)
-                    if not ok:
-                        continue                     # a skipped point: all its gradients are 0
-                    a = attn_rows[qi, p]
-                    hh = one - lh
-                    hw = one - lw
-                    top, bottom = h0 >= 0, h0 + 1 <= H - 1
-                    left, right = w0 >= 0, w0 + 1 <= W - 1
-                    r = level + (h0 * W + w0) * ss
-                    # p_c = g . v_c for the neighbours inside the map (0 outside).
-                    p00 = _dot(grad_rows, qi, value_rows, r, zero) if top and left else zero
-                    p01 = _dot(grad_rows, qi, value_rows, r + ss, zero) if top and right else zero
-                    p10 = _dot(grad_rows, qi, value_rows, r + down, zero) if bottom and left else zero
-                    p11 = _dot(grad_rows, qi, value_rows, r + down + ss, zero) if bottom and right else zero
-                    grad_attn_rows[qi, p] = hh * hw * p00 + hh * lw * p01 + lh * hw * p10 + lh * lw * p11
-                    # dw_c/dw_im = (-hh, +hh, -lh, +lh), dw_c/dh_im = (-hw, -lw, +hw, +lw)
-                    grad_loc_rows[qi, 2 * p] = a * sizes[l, 1] * (hh * (p01 - p00) + lh * (p11 - p10))
-                    grad_loc_rows[qi, 2 * p + 1] = a * sizes[l, 0] * (hw * (p10 - p00) + lw * (p11 - p01))
-                    # dL/dv_c += a w_c g, into this pair's own rows only.
-                    if top and left:
-                        _axpy(grad_value_rows, r, a * hh * hw, grad_rows, qi)
-                    if top and right:
-                        _axpy(grad_value_rows, r + ss, a * hh * lw, grad_rows, qi)
-                    if bottom and left:
-                        _axpy(grad_value_rows, r + down, a * lh * hw, grad_rows, qi)
-                    if bottom and right:
-                        _axpy(grad_value_rows, r + down + ss, a * lh * lw, grad_rows, qi)
+            for m in range(first, first + G):
+                qi = (n * Lq + q) * M + m
+                _corners(loc_rows, attn_rows, qi, spatial_shapes, sizes, level_start_index,
+                         n * sn + m * sm, ss, half, one, rows, weights, fracs)
+                for c in range(4 * P):
+                    r = rows[c]
+                    if r < 0:
+                        dots[c] = zero
+                        continue
+                    dots[c] = _dot(grad_rows, qi, value_rows, r, zero)
+                    _axpy(grad_value_rows, r, weights[c], grad_rows, qi)   # own rows only
+                for l in range(L):
+                    for k in range(K):
+                        p = l * K + k
+                        c = 4 * p
+                        if rows[c] < 0 and rows[c + 1] < 0 and rows[c + 2] < 0 and rows[c + 3] < 0:
+                            continue                 # a skipped point: all its gradients are 0
+                        lh, lw = fracs[p, 0], fracs[p, 1]
+                        hh = one - lh
+                        hw = one - lw
+                        a = attn_rows[qi, p]
+                        p00, p01, p10, p11 = dots[c], dots[c + 1], dots[c + 2], dots[c + 3]
+                        grad_attn_rows[qi, p] = (hh * hw * p00 + hh * lw * p01
+                                                 + lh * hw * p10 + lh * lw * p11)
+                        # dw_c/dw_im = (-hh, +hh, -lh, +lh), dw_c/dh_im = (-hw, -lw, +hw, +lw)
+                        grad_loc_rows[qi, 2 * p] = a * sizes[l, 1] * (hh * (p01 - p00)
+                                                                      + lh * (p11 - p10))
+                        grad_loc_rows[qi, 2 * p + 1] = a * sizes[l, 0] * (hw * (p10 - p00)
+                                                                          + lw * (p11 - p01))
 
 
 # --------------------------------------------------------------------------- the API
@@ -234,6 +275,26 @@ def _threads_for(sampling_locations):
         yield
     finally:
         numba.set_num_threads(previous)
+
+
+def head_groups(N: int, M: int, threads: int) -> int:
+    """Into how many groups to split each image's M heads: N * groups parallel tasks.
+
+    The fewest groups (so the longest runs of neighbouring rows per query) that give the
+    busiest thread the smallest share of the tasks, ceil(tasks / threads) / tasks. Only
+    divisors of M, so that every task has as many heads. With N >= threads (training:
+    2 images on 2 threads) that is one group of all M heads; with N = 1 on 2 threads, two
+    groups of M/2 heads; on 16 threads, N = 2 images, M = 8: eight groups of one head.
+    """
+    best, best_share = M, 1.0
+    for groups in range(M, 0, -1):           # from the most groups to the fewest
+        if M % groups:
+            continue
+        tasks = N * groups
+        share = -(-tasks // threads) / tasks
+        if share <= best_share:
+            best, best_share = groups, share
+    return best
 
 
 def use_head_major(value, sampling_locations) -> bool:
@@ -275,10 +336,12 @@ def _prepare(value, spatial_shapes, sampling_locations, attention_weights, head_
 
 
 def forward(value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
-            head_major=None):
+            head_major=None, groups=None):
     """Eq. (3) on validated arrays (see :mod:`minidetr.ops.msda`); returns (N, Lq, M * D).
 
     ``head_major``: copy the value head-major first (None: :func:`use_head_major`).
+    ``groups``: head groups per image, a divisor of M (None: :func:`head_groups` for the
+    threads at hand). Neither changes the result, only the speed.
     """
     N, S, M, D = value.shape
     Lq = sampling_locations.shape[1]
@@ -288,15 +351,19 @@ def forward(value, spatial_shapes, level_start_index, sampling_locations, attent
     with _threads_for(sampling_locations):
         value_rows, strides, sizes, loc_rows, attn_rows, zero, half, one = _prepare(
             value, spatial_shapes, sampling_locations, attention_weights, head_major)
-        _forward_kernel(value_rows, strides, N, M, Lq, spatial_shapes, sizes,
+        groups = groups or head_groups(N, M, numba.get_num_threads())
+        _forward_kernel(value_rows, strides, N, M, groups, Lq, spatial_shapes, sizes,
                         level_start_index, loc_rows, attn_rows, zero, half, one,
                         out.reshape(N * Lq * M, D))                  # rows (N*Lq*M, D)
     return out
 
 
 def backward(grad_output, value, spatial_shapes, level_start_index, sampling_locations,
-             attention_weights, head_major=None):
-    """(grad_value, grad_sampling_locations, grad_attention_weights) on validated arrays."""
+             attention_weights, head_major=None, groups=None):
+    """(grad_value, grad_sampling_locations, grad_attention_weights) on validated arrays.
+
+    ``head_major`` and ``groups`` as in :func:`forward`: speed only, the same bits.
+    """
     N, S, M, D = value.shape
     Lq = sampling_locations.shape[1]
     if head_major is None:
@@ -307,8 +374,9 @@ def backward(grad_output, value, spatial_shapes, level_start_index, sampling_loc
         grad_value_rows = np.zeros_like(value_rows)                 # same layout as value_rows
         grad_loc = np.zeros_like(sampling_locations)                # skipped points keep 0
         grad_attn = np.zeros_like(attention_weights)
+        groups = groups or head_groups(N, M, numba.get_num_threads())
         _backward_kernel(grad_output.reshape(N * Lq * M, D),        # rows (N*Lq*M, D)
-                         value_rows, strides, N, M, Lq, spatial_shapes, sizes,
+                         value_rows, strides, N, M, groups, Lq, spatial_shapes, sizes,
                          level_start_index, loc_rows, attn_rows, zero, half, one,
                          grad_value_rows, grad_loc.reshape(loc_rows.shape),
                          grad_attn.reshape(attn_rows.shape))
