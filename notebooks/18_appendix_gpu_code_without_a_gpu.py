@@ -29,8 +29,10 @@
 # host conversion (`float()`, `.item()`, `if x:` ...) through one visible copy, and
 # counts every operation that would be a kernel launch. Inside
 # `with fakecupy.installed():` minidetr sees CuPy and one GPU, and `to_device(x, "cuda")`
-# gives fake device arrays. The arithmetic underneath is NumPy's, so results equal the
-# NumPy path's bit for bit; what the fake cannot tell is speed and memory limits. Details
+# gives fake device arrays. The arithmetic underneath is NumPy's, so results equal those
+# of the same code on NumPy bit for bit (on NumPy arrays, the norms and the softmax take
+# fused Numba CPU kernels instead, which round differently); what the fake cannot tell
+# is speed and memory limits. Details
 # and the test suite's use of it:
 # [gpu-training.md §3](../docs/gpu-training.md#3-testing-the-gpu-path-without-a-gpu-minidetrtestingfakecupy).
 #
@@ -38,7 +40,7 @@
 #
 # 1. replays two bugs the fake found, which NumPy hides and CuPy does not;
 # 2. catches a hidden device -> host copy with `transfer_guard`;
-# 3. counts the kernel launches of one attention layer, bit-equal to NumPy;
+# 3. counts the kernel launches of one attention layer, equal to NumPy's results;
 # 4. counts the launches of the readable and the fused AdamW;
 # 5. counts and attributes the launches of a whole training step.
 #
@@ -245,9 +247,13 @@ with fakecupy.installed():
             as attn_launches_by_file:
         attn_fake = attention_pass("cuda")
     attn.to("cpu")
-attn_bit_equal = all(np.array_equal(a, b) for a, b in zip(attn_numpy, attn_fake))
+# NumPy's softmax runs a fused Numba kernel (minidetr/functional/softmax_cpu.py) that sums
+# in float64, the device the readable code, so the two agree to float32 rounding
+attn_worst = max(float(np.max(np.abs(a - b) / (np.abs(b) + 1e-3)))
+                 for a, b in zip(attn_numpy, attn_fake))
 print(f"{sum(attn_launches.values())} launches; output and all "
-      f"{len(attn_fake) - 1} gradients bit-equal to NumPy's: {attn_bit_equal}")
+      f"{len(attn_fake) - 1} gradients equal to NumPy's within {attn_worst:.0e} "
+      f"(relative; float32 rounding)")
 print("top call sites:")
 for site, n in attn_launches.most_common(8):
     print(f"  {n:>4}  {site}")
@@ -383,7 +389,7 @@ assert hidden_copy_line.startswith("losses.append(float(loss.data))"), hidden_co
 assert dict(logged_copies) == {"the logged losses": 1}, logged_copies
 assert losses_device == losses_numpy, (losses_device, losses_numpy)     # bit for bit
 assert losses_numpy[0] > losses_numpy[1] > losses_numpy[2], losses_numpy  # it descends
-assert attn_bit_equal
+assert attn_worst < 1e-4, attn_worst
 msda_launches = sum(n for site, n in attn_launches.items() if site.startswith("ops/msda/"))
 assert msda_launches == 2, attn_launches                  # one kernel each way
 assert sum(attn_launches_by_file.values()) == sum(attn_launches.values())
