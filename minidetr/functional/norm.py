@@ -147,7 +147,8 @@ class GroupNorm(Function):
             return y
         N = x.shape[0]
         if valid is None:
-            x_hat, rstd = _standardize(x.reshape(N, num_groups, -1), eps)  # (N, G, C/G*HW), (N, G, 1)
+            # (N, G, C/G*HW) standardised; rstd (N, G, 1)
+            x_hat, rstd = _standardize(x.reshape(N, num_groups, -1), eps)
             x_hat = x_hat.reshape(x.shape)                             # (N, C, *)
         else:
             x_hat, rstd = _standardize_masked(x, valid, num_groups, eps)
@@ -202,7 +203,7 @@ def _standardize_masked(x, valid, num_groups, eps):
     Shapes: x (N, C, *), valid (N, 1, *) of 0/1 -> x_hat (N, C, *), rstd (N, G, 1, 1).
     """
     xp = get_array_module(x)
-    xg, v = _group_view(x, num_groups, valid)                          # (N, G, C/G, P), (N, 1, 1, P)
+    xg, v = _group_view(x, num_groups, valid)              # (N, G, C/G, P), (N, 1, 1, P)
     count = v.sum(axis=-1, keepdims=True) * xg.shape[2]                # (N, 1, 1, 1): m
     mu = (xg * v).sum(axis=(2, 3), keepdims=True) / count              # (N, G, 1, 1)
     centered = (xg - mu) * v                                           # (N, G, C/G, P)
@@ -217,7 +218,7 @@ def _standardize_masked_backward(g, x_hat, rstd, valid, num_groups):
 
     Shapes: g, x_hat (N, C, *), rstd (N, G, 1, 1), valid (N, 1, *) -> (N, C, *).
     """
-    gg, v = _group_view(g * valid, num_groups, valid)                  # (N, G, C/G, P), (N, 1, 1, P)
+    gg, v = _group_view(g * valid, num_groups, valid)      # (N, G, C/G, P), (N, 1, 1, P)
     xh, _ = _group_view(x_hat, num_groups, valid)                      # (N, G, C/G, P)
     count = v.sum(axis=-1, keepdims=True) * gg.shape[2]                # (N, 1, 1, 1): m
     g_mean = gg.sum(axis=(2, 3), keepdims=True) / count                # (N, G, 1, 1)

@@ -2,7 +2,8 @@
 
 The readable NumPy code of :class:`.activation.Softmax` is the reference; it makes four
 full-size temporaries (``x - max``, ``exp``, the quotient, and in backward ``g * y`` and
-``g - dot``). These kernels take x viewed as rows (R, n) = (prod(...), n) and make none::
+``g - dot``). These kernels take x viewed as rows (R, n) = (prod(...), n) and allocate
+only their result::
 
     forward   per row: z_i = x_i - max(x)            (kernel)
               e = exp(z), in place               (NumPy: its exp is SIMD, Numba's is not)
@@ -11,9 +12,9 @@ full-size temporaries (``x - max``, ``exp``, the quotient, and in backward ``g *
 
 The exponentials are in the data's dtype (as in the reference); the sums ``s`` and ``d``
 are accumulated in float64 (``reassoc``: LLVM may split them into SIMD partial sums,
-which changes the rounding and nothing else). :class:`.activation.Softmax` calls them for NumPy
-float32/float64 C-contiguous arrays along the last axis (:func:`._util.cpu_kernels_apply`),
-and imports this module, and so Numba, on first use only.
+which changes the rounding and nothing else). :class:`.activation.Softmax` calls them
+for NumPy float32/float64 C-contiguous arrays along the last axis
+(:func:`._util.cpu_kernels_apply`), and imports this module, and so Numba, on first use.
 
 Threads: none (the calling thread), as for the kernels of :mod:`.norm_cpu` and for the
 same reason. Compilation: on first use, once per dtype, cached on disk (``cache=True``).
