@@ -270,7 +270,7 @@ def test_numba_memory_layouts_agree_with_reference(head_major, rng):
 
 
 def test_numba_parallel_path_is_exact_and_deterministic(rng):
-    """Above SERIAL_BELOW points the kernels run on all threads; no races, same result."""
+    """Above SERIAL_BELOW points the kernels run on all threads; no races, same bits."""
     import numba
 
     from minidetr.ops.msda import numba_cpu
@@ -280,16 +280,21 @@ def test_numba_parallel_path_is_exact_and_deterministic(rng):
     assert points >= numba_cpu.SERIAL_BELOW and numba.get_num_threads() >= 1
     g = rng.standard_normal((2, 300, 32)).astype(np.float32)
     expected = [msda.forward(*args), *msda.backward(g, *args)]
+    inputs = msda.validate_inputs(*args)
     for head_major in (True, False):
-        inputs = msda.validate_inputs(*args)
         first = [numba_cpu.forward(*inputs, head_major=head_major),
                  *numba_cpu.backward(g, *inputs, head_major=head_major)]
-        again = [numba_cpu.forward(*inputs, head_major=head_major),
-                 *numba_cpu.backward(g, *inputs, head_major=head_major)]
-        for a, b, e in zip(first, again, expected):
-            np.testing.assert_array_equal(a, b)                        # deterministic
+        for a, e in zip(first, expected):
             assert_allclose(a, e, rtol=1e-5, atol=1e-5 * float(np.abs(e).max()),
                             what=f"numba parallel, head_major={head_major}")
+        for groups in (None, 1, 2, 4):     # 2 to 8 tasks on the threads: same bits, no races
+            again = [numba_cpu.forward(*inputs, head_major=head_major, groups=groups),
+                     *numba_cpu.backward(g, *inputs, head_major=head_major, groups=groups)]
+            for name, a, b in zip(["output", "grad_value", "grad_loc", "grad_attn"], first,
+                                  again):
+                np.testing.assert_array_equal(
+                    a, b, err_msg=f"parallel run again, head_major={head_major}, "
+                                  f"groups={groups}: {name} differs")
 
 
 def test_numba_head_groups_give_the_same_bits(rng):
