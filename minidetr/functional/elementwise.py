@@ -74,8 +74,8 @@ def widen_inner(x, out_shape):
 def long_inner_loops(xp, a, b):
     """``(a, b)`` with a small, awkwardly stretched operand widened (:func:`widen_inner`);
     NumPy only (CuPy runs one thread per element and has no inner loop to lengthen)."""
-    if xp is not np or a.shape == b.shape:
-        return a, b
+    if xp is not np or a.shape == b.shape or a.size == 1 or b.size == 1:
+        return a, b                           # (a one-element operand is one long run)
     out_shape = np.broadcast_shapes(a.shape, b.shape)
     if math.prod(out_shape) < SMALL_OUTPUT:
         return a, b
