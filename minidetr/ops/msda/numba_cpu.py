@@ -239,7 +239,7 @@ def _backward_kernel(grad_rows, value_rows, strides, N, M, groups, Lq, spatial_s
                         p = l * K + k
                         c = 4 * p
                         if rows[c] < 0 and rows[c + 1] < 0 and rows[c + 2] < 0 and rows[c + 3] < 0:
-                            continue                 # a skipped point: all its gradients are 0
+                            continue   # skipped (a kept point has a neighbour inside): gradients 0
                         lh, lw = fracs[p, 0], fracs[p, 1]
                         hh = one - lh
                         hw = one - lw
