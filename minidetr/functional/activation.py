@@ -49,18 +49,28 @@ class ReLU(Function):
     A NaN propagates (``maximum`` returns it, as PyTorch's relu does) and gets gradient 0.
     Forward saves its own output y, which costs nothing (the next layer keeps it alive
     anyway), and backward recovers the mask from it: y > 0 exactly where x > 0.
-    (``maximum`` is one pass; ``where(x > 0, x, 0)`` took 10x longer on NumPy.)
+    (``maximum`` is one pass; ``where(x > 0, x, 0)`` took 10x longer on NumPy.) NumPy
+    float32/float64 C-contiguous arrays take two Numba kernels (:mod:`.relu_cpu`) that
+    give exactly these values, 2-3x faster.
     """
 
     @staticmethod
     def forward(ctx, x):
-        y = ctx.xp.maximum(x, x.dtype.type(0))
+        ctx.fused = cpu_kernels_apply(x)
+        if ctx.fused:
+            from . import relu_cpu                                     # Numba, on first use
+            y = relu_cpu.relu_forward(x)
+        else:
+            y = ctx.xp.maximum(x, x.dtype.type(0))
         ctx.save_for_backward(y)
         return y
 
     @staticmethod
     def backward(ctx, grad):
         y, = ctx.saved_tensors
+        if ctx.fused and cpu_kernels_apply(grad, y):
+            from . import relu_cpu
+            return relu_cpu.relu_backward(grad, y)
         return grad * (y > 0)                  # bool mask: 0 at the kink and at NaN
 
 

@@ -106,3 +106,32 @@ def test_relu_propagates_nan_and_zeroes_its_gradient():
 def test_relu_gradcheck_float64():
     x = R.uniform(0.3, 1.5, size=(3, 5)) * R.choice([-1.0, 1.0], size=(3, 5))
     gradcheck(F.relu, [x])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(1,), (3, 5, 7), (2, 64, 9, 9)])
+def test_relu_kernels_equal_the_reference_exactly(dtype, shape):
+    from minidetr.functional import relu_cpu
+    x = R.normal(size=shape).astype(dtype)
+    x.flat[::7] = 0.0                                          # kinks
+    x.flat[3::11] = np.nan                                     # NaNs
+    g = R.normal(size=shape).astype(dtype)
+    g.flat[::5] = np.inf                                       # inf * 0 = NaN, as g * mask
+    y = relu_cpu.relu_forward(x)
+    assert_identical(y, np.maximum(x, dtype(0)), f"relu kernel forward {shape}")
+    with np.errstate(invalid="ignore"):                        # inf * 0 on purpose
+        want = g * (y > 0)
+    assert_identical(relu_cpu.relu_backward(g, y), want, f"relu kernel backward {shape}")
+
+
+def test_relu_function_same_on_kernel_and_reference_paths():
+    base = R.normal(size=(6, 5)).astype(np.float32)
+    g = R.normal(size=(5, 6)).astype(np.float32)
+    outs = []
+    for x in (np.ascontiguousarray(base.T), base.T):          # kernel, then a strided view
+        t = Tensor(x, requires_grad=True)
+        y = F.relu(t)
+        y.backward(g)
+        outs.append((y.data, t.grad))
+    assert_identical(outs[0][0], outs[1][0], "relu forward: kernel vs reference")
+    assert_identical(outs[0][1], outs[1][1], "relu grad: kernel vs reference")
