@@ -39,20 +39,33 @@ def rows_written(value, shapes, starts, loc, n, q, m):
 
 def exercise_2():
     """Break the race-free design: parallelise the backward pass over *queries* instead of
-    (image, head) pairs. Two threads then add into the same value rows (a race without
-    atomics), as the encoder's neighbouring queries read neighbouring pixels; over pairs,
-    no row is ever shared."""
-    shape = dict(N=1, levels=((8, 8), (4, 4)), M=2, D=4, K=2, Lq=None)      # encoder-like
+    (image, head group) tasks. Two threads then add into the same value rows (a race
+    without atomics), as the encoder's neighbouring queries read neighbouring pixels. A
+    task holds every query of its image and heads, and a point of head m of image n only
+    touches rows n*sn + m*sm + s*ss, so two tasks never share a row, for any grouping."""
+    shape = dict(N=2, levels=((8, 8), (4, 4)), M=4, D=4, K=2, Lq=None)      # encoder-like
     value, shapes, starts, loc, attn, _ = msda_inputs(shape, "float64", seed=1)
+    N, S, M, _ = value.shape
     Lq = loc.shape[1]
     by_query = [rows_written(value, shapes, starts, loc, 0, q, 0) for q in range(Lq)]
     shared = sum(1 for a in range(Lq) for b in range(a + 1, Lq) if by_query[a] & by_query[b])
     print(f"{shared} pairs of queries of head 0 write a common value row")
     assert shared > Lq                                      # many races, if threads were queries
-    # per (image, head) pair: head 0 and head 1 never share a row of the (N, S, M, D) value
-    _, (sn, sm, ss), *_ = numba_cpu._prepare(value, shapes, loc, attn, head_major=False)
-    head_rows = [{m * sm + s * ss for s in range(value.shape[1])} for m in range(2)]
-    assert not head_rows[0] & head_rows[1]
+    # per (image, head group) task, in both layouts and every grouping: disjoint rows
+    for head_major in (False, True):
+        _, (sn, sm, ss), *_ = numba_cpu._prepare(value, shapes, loc, attn, head_major)
+        for groups in (1, 2, 4):
+            per_task = M // groups
+            tasks = [{n * sn + m * sm + s * ss
+                      for m in range(g * per_task, (g + 1) * per_task) for s in range(S)}
+                     for n in range(N) for g in range(groups)]
+            assert sum(map(len, tasks)) == len(set().union(*tasks)) == N * M * S, \
+                f"head_major={head_major}, groups={groups}: tasks share value rows"
+            # and every row the backward pass of a query writes lies in its task's rows
+            for n, q, m in ((0, 0, 0), (1, Lq - 1, M - 1)):
+                written = {n * sn + m * sm + r * ss
+                           for r in rows_written(value, shapes, starts, loc, n, q, m)}
+                assert written <= tasks[n * groups + m // per_task]
 
 
 def exercise_3():
@@ -73,3 +86,31 @@ def exercise_3():
                                                                       ("kernel", fast))}
     print(f"float32 error against float64: {worst}")
     assert max(worst.values()) < 1e-5
+
+
+def exercise_4():
+    """Predict ``head_groups(N, M=8, threads)``: the fewest groups (divisors of M) that give
+    the busiest thread the smallest share ceil(tasks / threads) / tasks of the N * groups
+    tasks.
+
+    * training, N = 2 on 2 threads: 1 group (2 tasks, one each: share 1/2);
+    * N = 1 on 2 threads: 2 groups of 4 heads (share 1/2);
+    * N = 1 on 3 threads: 8 groups of one head: 8 tasks, the busiest thread runs 3 (3/8),
+      better than 4 tasks (2 of 4 = 1/2) or 2 tasks (1/2);
+    * N = 1 on 6 threads: 4 groups. 8 tasks would also give the busiest thread 2 of 8 =
+      1/4, the same finishing time, so the fewer, longer groups win (longer runs of
+      neighbouring rows), and two threads stay idle;
+    * N = 2 on 16 threads: 8 groups, 16 tasks of one head, one per thread.
+    """
+    def share(N, groups, threads):
+        tasks = N * groups
+        return -(-tasks // threads) / tasks
+
+    expected = {(2, 2): 1, (1, 2): 2, (1, 3): 8, (1, 6): 4, (2, 16): 8}
+    for (N, threads), groups in expected.items():
+        got = numba_cpu.head_groups(N, 8, threads)
+        assert got == groups, f"head_groups({N}, 8, {threads}) = {got}, predicted {groups}"
+        best = min(share(N, g, threads) for g in (1, 2, 4, 8))
+        assert share(N, got, threads) == best           # no grouping keeps threads busier
+        assert all(g >= got for g in (1, 2, 4, 8) if share(N, g, threads) == best)  # fewest
+    assert share(1, 8, 6) == share(1, 4, 6) == 0.25
