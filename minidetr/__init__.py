@@ -7,8 +7,8 @@ __version__ = "0.1.0"
 # wins). minidetr cuts its large matrix products into blocks over the cores itself
 # (minidetr/functional/_parallel.py), so BLAS runs one thread per call; and Numba's OpenMP
 # workers sleep between two kernels instead of spinning on the cores those products need.
-# Measured on 2 cores, `small` step: 780 ms -> 612 ms; with spinning workers, 722 ms.
-# The numbers and the reasons: docs/profile.md.
+# Measured on 2 cores, `small` step: 470 ms (650 ms on one thread, 660 ms with spinning
+# OpenMP workers). The numbers and the reasons: docs/profile.md, section 5.
 # THREAD_SETTINGS_MADE names the variables set here, so that a child process that must
 # not inherit them (transformers' rows of `bench train`) can leave them out.
 THREAD_SETTINGS_MADE = tuple(
