@@ -262,8 +262,9 @@ print(f"(output {output_bytes / 1e6:.2f} MB; the kernel's head-major copy of the
 #   instructions. The backward pass reuses the same table for the dot products $p_c$ and
 #   for the scatter into $\partial \mathcal L / \partial V$.
 #
-# Its parallel loop (the backward kernel has the same loops, then the $p_c$ and the
-# gradients of the hand loop):
+# Its parallel loop, where `G = M // groups` is the number of heads per task (not the
+# $G$ lanes of section 4). The backward kernel has the same loops, then the $p_c$ and the
+# gradients of the hand loop:
 
 # %%
 source = inspect.getsource(numba_cpu._forward_kernel.py_func)
