@@ -23,8 +23,9 @@ epochs of the demo (the `tiny` model, products of 10-100 MFLOP) took 49 s with a
 threshold of 4e6, 44 s with 3e7, 43 s with 1e8 and 41 s with everything on one thread;
 a `small` step was 5-12 % faster with 3e7 than with 1e8 (its 89 MFLOP projections).
 
-``run_blocks`` is the general tool (``conv.py`` uses it for im2col and col2im by blocks of
-channels), ``matmul`` and ``matmul_sum`` the two products the layers need.
+``run_blocks`` is the general tool (``conv.py`` uses it for col2im by blocks of
+channels); ``matmul``, ``batched_matmul`` and ``matmul_sum`` are the products the layers
+need.
 
 How many threads: ``MINIDETR_NUM_THREADS`` if set, else the CPUs this process may run on
 (``os.sched_getaffinity``). ``MINIDETR_NUM_THREADS=1`` turns all of this off. Arrays that
