@@ -34,6 +34,7 @@ are not NumPy arrays (CuPy) go straight to their own ``matmul``.
 """
 from __future__ import annotations
 
+import functools
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor, wait
@@ -55,6 +56,13 @@ def cpu_threads() -> int:
         if value < 1:
             raise ValueError(f"MINIDETR_NUM_THREADS must be a positive integer, got {value}")
         return value
+    return _cores()
+
+
+@functools.lru_cache(maxsize=None)
+def _cores() -> int:
+    """The CPUs this process may run on, asked once (a system call: it was 2 us of every
+    product's bookkeeping, thousands of times a step)."""
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:                                  # not Linux
@@ -140,8 +148,10 @@ def matmul(a, b, out=None, threads=None):
     """
     M, K = a.shape
     N = b.shape[1]
+    if not _worth_splitting(a, b, 2.0 * M * K * N):               # most products: at once
+        return a @ b if out is None else np.matmul(a, b, out=out)
     threads = cpu_threads() if threads is None else threads
-    if threads <= 1 or not _worth_splitting(a, b, 2.0 * M * K * N) or max(M, N) < 2 * threads:
+    if threads <= 1 or max(M, N) < 2 * threads:
         return a @ b if out is None else np.matmul(a, b, out=out)
     if out is None:
         out = np.empty((M, N), dtype=np.result_type(a, b))
