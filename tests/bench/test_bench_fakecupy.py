@@ -58,7 +58,7 @@ def test_cuda_events_time_what_happens_between_them(cp):
 def test_the_memory_pool_counts_live_arrays_in_rounded_blocks(cp):
     pool = cp.get_default_memory_pool()
     start = pool.used_bytes()
-    a = cp.empty(1000, dtype=np.float32)                     # 4000 bytes
+    a = cp.zeros(1000, dtype=np.float32)                     # 4000 bytes (zeros: a * 2 below)
     assert pool.used_bytes() - start == pool_round(4000) == 4096
     view = a.reshape(10, 100)[::2].T                         # views hold no block
     assert pool.used_bytes() - start == 4096
