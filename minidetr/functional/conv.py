@@ -33,8 +33,11 @@ import numpy as np
 
 from ..autograd import Function
 from ..backend import get_array_module
+from . import winograd
 from ._parallel import batched_matmul, cpu_threads, matmul_sum, run_blocks
 from ._util import same_float_dtype
+
+ALGORITHMS = ("auto", "im2col", "winograd")
 
 
 # --------------------------------------------------------------------------- geometry
@@ -201,7 +204,7 @@ class Conv2d(Function):
         return grad_x, grad_w, grad_b, None, None, None
 
 
-def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1):
+def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, algorithm="auto"):
     """2-D cross-correlation (PyTorch's ``conv2d``), with zero padding.
 
     Args:
@@ -209,6 +212,10 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1):
         weight: Tensor or array (C_out, C_in, kh, kw).
         bias: Tensor or array (C_out,), or None.
         stride, padding, dilation: int or pair of ints (height, width).
+        algorithm: ``"im2col"`` (:class:`Conv2d`, any geometry), ``"winograd"``
+            (:class:`.winograd.WinogradConv3x3`: 3x3 kernels, stride 1, padding 1,
+            dilation 1 only) or ``"auto"``: Winograd where it applies to NumPy arrays
+            (:func:`.winograd.applies`), im2col everywhere else.
 
     Returns:
         Tensor (N, C_out, H_out, W_out).
@@ -239,6 +246,16 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1):
         raise ValueError(f"conv2d: kernel {(kh, kw)} with dilation {dilation} does not fit in "
                          f"the padded input {tuple(x.shape[2:])} + 2*{padding}")
     same_float_dtype("conv2d", x, weight, bias)
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"conv2d: algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
+    if algorithm == "winograd" and not ((kh, kw) == (3, 3) and stride == (1, 1)
+                                        and padding == (1, 1) and dilation == (1, 1)):
+        raise ValueError(f"conv2d: algorithm='winograd' needs a 3x3 kernel, stride 1, padding 1 "
+                         f"and dilation 1; got kernel {(kh, kw)}, stride={stride}, "
+                         f"padding={padding}, dilation={dilation}")
+    if algorithm == "winograd" or (algorithm == "auto" and winograd.applies(
+            x, weight, stride, padding, dilation)):
+        return winograd.WinogradConv3x3.apply(x, weight, bias)
     return Conv2d.apply(x, weight, bias, stride, padding, dilation)
 
 

@@ -1,0 +1,258 @@
+"""3x3 convolution by Winograd's minimal filtering F(2x2, 3x3), forward and backward.
+
+im2col (:mod:`.conv`) spends 9 multiplications on every output pixel and input channel of
+a 3x3 convolution. Winograd's algorithm (Lavin & Gray, "Fast Algorithms for Convolutional
+Neural Networks", CVPR 2016) makes a 2x2 block of outputs from a 4x4 block of inputs with
+16 multiplications instead of 4 * 9 = 36, so 2.25x fewer, at the price of cheap additions
+before and after. With ``d`` a 4x4 input tile and ``g`` a 3x3 filter::
+
+    y (2, 2) = A^T [ (G g G^T) * (B^T d B) ] A         (* elementwise)
+
+    B^T = [[1,  0, -1,  0],     G = [[1,    0,   0],     A^T = [[1, 1,  1,  0],
+           [0,  1,  1,  0],          [1/2,  1/2, 1/2],          [0, 1, -1, -1]]
+           [0, -1,  1,  0],          [1/2, -1/2, 1/2],
+           [0,  1,  0, -1]]          [0,    0,   1]]
+
+which is exactly the 2x2 correlation output ``y[p, q] = sum_ij g[i, j] d[p + i, q + j]``
+(multiply it out; docs/autograd.md does). Over channels the elementwise product becomes a
+matrix product per position (a, b) of the 4x4 Winograd domain -- that is where the time
+goes, and it is 2.25x smaller than im2col's::
+
+    U[ab] (C_out, C_in) = (G g G^T)[a, b]        for every filter (o, c)   filter transform
+    V[ab] (C_in, T)     = (B^T d B)[a, b]        for every tile t, channel   input transform
+    M[ab] (C_out, T)    = U[ab] @ V[ab]          16 matrix products
+    y                   = A^T M A per tile       2x2 outputs per tile          output transform
+
+Tiles: output pixel rows 2u, 2u+1 and columns 2v, 2v+1 form tile (u, v); it reads padded
+input rows 2u .. 2u+3 and columns 2v .. 2v+3 (padding 1, stride 1). T = N * th * tw tiles
+in the order (n, u, v), th = ceil(H / 2), tw = ceil(W / 2); odd sizes get one more row or
+column of zero padding, and the outputs beyond H x W are dropped.
+
+Backward. Every step above is linear, so the gradient runs each one transposed (the
+adjoint): with ``Gy`` the output gradient taken into the Winograd domain,
+
+    Gy[ab] (C_out, T) = (A gy A^T)[a, b] per 2x2 tile of dL/dy     output transform, transposed
+    dU[ab]            = Gy[ab] @ V[ab]^T                           (C_out, C_in)
+    dL/dg             = G^T dU G                                  filter transform, transposed
+    dV[ab]            = U[ab]^T @ Gy[ab]                           (C_in, T)
+    dL/dx             = sum over tiles of B dV B^T, each added to   input transform, transposed
+                        the 4x4 input block it came from (neighbouring tiles overlap)
+
+These are the exact gradients of the forward above, which computes the convolution
+exactly in real arithmetic; in floating point the two algorithms round differently (the
+tests bound the difference: about 1e-6 relative in float32).
+
+Where it is used. :func:`.conv.conv2d` sends a 3x3, stride 1, padding 1, dilation 1
+convolution of NumPy arrays here (``algorithm="auto"``): the 3x3 convolutions of the
+ResNet blocks, 85 % of a ResNet-18's convolution work. Anything else, and CuPy arrays, use
+im2col. The transforms run as Numba kernels (:mod:`.winograd_cpu`); the NumPy functions
+below are their readable reference (and what a CuPy array would use with
+``algorithm="winograd"``). Measured (2 CPU threads, ResNet-18 at 2 x 256 x 256, a full
+training step): see docs/profile.md, section 7.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..autograd import Function, Tensor
+from ..backend import get_array_module
+from ._parallel import batched_matmul, matmul
+from ._util import cpu_kernels_apply
+
+B_T = np.array([[1, 0, -1, 0],
+                [0, 1, 1, 0],
+                [0, -1, 1, 0],
+                [0, 1, 0, -1]], dtype=np.float64)          # (4, 4) input transform
+G = np.array([[1, 0, 0],
+              [0.5, 0.5, 0.5],
+              [0.5, -0.5, 0.5],
+              [0, 0, 1]], dtype=np.float64)               # (4, 3) filter transform
+A_T = np.array([[1, 1, 1, 0],
+                [0, 1, -1, -1]], dtype=np.float64)        # (2, 4) output transform
+KRON_G = np.kron(G, G)                                    # (16, 9), see filter_transform
+
+
+def tile_counts(H, W):
+    """(th, tw): the 2x2 output tiles that cover an H x W output (ceil(H/2), ceil(W/2))."""
+    return (H + 1) // 2, (W + 1) // 2
+
+
+# Few tiles per input channel: the transformed filters U (16 C_out C_in numbers, made
+# again every call) outweigh the saving on the products (16 C_out C_in T multiplications
+# instead of 36). Measured, fwd + bwd, 2 threads: C_in = 256 with T = 128 tiles 13.0 ->
+# 9.2 ms; C_in = 512 with T = 32 (ResNet-18's layer4 at 256 x 256) 14.5 -> 17.2 ms.
+MIN_TILES_PER_CHANNEL = 0.5
+
+
+def applies(x, weight, stride, padding, dilation) -> bool:
+    """True when :func:`.conv.conv2d` with ``algorithm="auto"`` takes the Winograd path:
+    a 3x3 kernel, stride 1, padding 1, dilation 1, on NumPy float32/float64 arrays
+    (``x`` and ``weight``: Tensors or arrays), with at least ``MIN_TILES_PER_CHANNEL``
+    tiles (T = N * th * tw) per input channel."""
+    x, weight = (a.data if isinstance(a, Tensor) else a for a in (x, weight))
+    if not (tuple(weight.shape[2:]) == (3, 3) and stride == (1, 1) and padding == (1, 1)
+            and dilation == (1, 1) and type(x) is np.ndarray and type(weight) is np.ndarray
+            and x.dtype in (np.float32, np.float64) and weight.dtype == x.dtype
+            and x.size > 0):
+        return False
+    th, tw = tile_counts(*x.shape[2:])
+    return x.shape[0] * th * tw >= MIN_TILES_PER_CHANNEL * x.shape[1]
+
+
+# --------------------------------------------------------------------------- NumPy reference
+def _const(matrix, like):
+    """A transform matrix as an array of ``like``'s module and dtype."""
+    return get_array_module(like).asarray(matrix, dtype=like.dtype)
+
+
+def filter_transform(weight):
+    """U = G g G^T for every filter: weight (C_out, C_in, 3, 3) -> U (16, C_out, C_in).
+
+    ``(G g G^T)[a, b] = sum_ij G[a, i] G[b, j] g[i, j]``, and ``G[a, i] G[b, j]`` is entry
+    (4a + b, 3i + j) of the Kronecker product kron(G, G) (16, 9): so all filters go
+    through one matrix product, kron(G, G) @ (the filters as columns of 9 numbers).
+    """
+    C_out, C_in = weight.shape[:2]
+    g9 = weight.reshape(C_out * C_in, 9).T                             # (9, C_out*C_in)
+    return matmul(_const(KRON_G, weight), g9).reshape(16, C_out, C_in)
+
+
+def filter_transform_adjoint(dU):
+    """The gradient of :func:`filter_transform`: dU (16, C_out, C_in) -> (C_out, C_in, 3, 3),
+    G^T dU G per filter: the same product transposed, kron(G, G)^T."""
+    C_out, C_in = dU.shape[1:]
+    du = dU.reshape(16, C_out * C_in).T                                # (C_out*C_in, 16)
+    return matmul(du, _const(KRON_G, dU)).reshape(C_out, C_in, 3, 3)
+
+
+def _padded_tiles(x):
+    """The 4x4 input block of every tile: x (N, C, H, W) -> d (N, C, th, tw, 4, 4).
+
+    ``d[n, c, u, v, a, b] = x_pad[n, c, 2u + a, 2v + b]`` with x_pad padded by 1 (and one
+    more row/column of zeros at the far side of an odd size).
+    """
+    xp = get_array_module(x)
+    N, C, H, W = x.shape
+    th, tw = tile_counts(H, W)
+    x_pad = xp.zeros((N, C, 2 * th + 2, 2 * tw + 2), dtype=x.dtype)
+    x_pad[:, :, 1:H + 1, 1:W + 1] = x
+    d = xp.empty((N, C, th, tw, 4, 4), dtype=x.dtype)
+    for a in range(4):
+        for b in range(4):
+            d[..., a, b] = x_pad[:, :, a:a + 2 * th:2, b:b + 2 * tw:2]  # (N, C, th, tw)
+    return d
+
+
+def input_transform(x):
+    """V = B^T d B for every 4x4 input tile d: x (N, C, H, W) -> V (16, C, T), T = N*th*tw."""
+    xp = get_array_module(x)
+    bt = _const(B_T, x)
+    d = _padded_tiles(x)                                               # (N, C, th, tw, 4, 4)
+    V = xp.einsum("ai,ncuvij,bj->abcnuv", bt, d, bt)                   # (4, 4, C, N, th, tw)
+    return xp.ascontiguousarray(V.reshape(16, x.shape[1], -1))         # (16, C, T)
+
+
+def input_transform_adjoint(dV, x_shape):
+    """The gradient of :func:`input_transform`: dV (16, C, T) -> dL/dx (N, C, H, W).
+
+    Every tile's B dV B^T is added onto the 4x4 block of the padded input it was read
+    from; neighbouring blocks overlap by two rows or columns, and the sum collects both.
+    """
+    xp = get_array_module(dV)
+    N, C, H, W = x_shape
+    th, tw = tile_counts(H, W)
+    bt = _const(B_T, dV)
+    dV = dV.reshape(4, 4, C, N, th, tw)
+    dd = xp.einsum("ai,abcnuv,bj->ncuvij", bt, dV, bt)                 # (N, C, th, tw, 4, 4)
+    dx_pad = xp.zeros((N, C, 2 * th + 2, 2 * tw + 2), dtype=dV.dtype)
+    for a in range(4):
+        for b in range(4):
+            dx_pad[:, :, a:a + 2 * th:2, b:b + 2 * tw:2] += dd[..., a, b]
+    return dx_pad[:, :, 1:H + 1, 1:W + 1].copy()                       # (N, C, H, W)
+
+
+def output_transform(M, out_shape):
+    """y = A^T m A for every tile: M (16, C_out, T) -> y (N, C_out, H, W)."""
+    xp = get_array_module(M)
+    N, C_out, H, W = out_shape
+    th, tw = tile_counts(H, W)
+    at = _const(A_T, M)
+    m = M.reshape(4, 4, C_out, N, th, tw)
+    y = xp.einsum("pa,abonuv,qb->noupvq", at, m, at)                   # (N, C_out, th, 2, tw, 2)
+    y = y.reshape(N, C_out, 2 * th, 2 * tw)
+    return xp.ascontiguousarray(y[:, :, :H, :W])                       # (N, C_out, H, W)
+
+
+def output_transform_adjoint(grad):
+    """The gradient of :func:`output_transform`: dL/dy (N, C_out, H, W) -> Gy (16, C_out, T),
+    A g A^T per 2x2 tile of the gradient (zero beyond H x W)."""
+    xp = get_array_module(grad)
+    N, C_out, H, W = grad.shape
+    th, tw = tile_counts(H, W)
+    at = _const(A_T, grad)
+    g = xp.zeros((N, C_out, 2 * th, 2 * tw), dtype=grad.dtype)
+    g[:, :, :H, :W] = grad
+    g = g.reshape(N, C_out, th, 2, tw, 2)                              # (N, C_out, th, 2, tw, 2)
+    Gy = xp.einsum("pa,noupvq,qb->abonuv", at, g, at)                  # (4, 4, C_out, N, th, tw)
+    return xp.ascontiguousarray(Gy.reshape(16, C_out, -1))             # (16, C_out, T)
+
+
+def reference_transforms():
+    """The NumPy reference of the tile transforms, by name (the fast kernels have the same
+    names and signatures in :mod:`.winograd_cpu`; the filter transforms are one matrix
+    product each, the same for every array type)."""
+    return {"input_transform": input_transform,
+            "input_transform_adjoint": input_transform_adjoint,
+            "output_transform": output_transform,
+            "output_transform_adjoint": output_transform_adjoint}
+
+
+def _transforms(*arrays):
+    """The Numba kernels for NumPy float arrays, the NumPy reference otherwise."""
+    if cpu_kernels_apply(*arrays):
+        from . import winograd_cpu                                     # Numba, on first use
+        return winograd_cpu.transforms()
+    return reference_transforms()
+
+
+# --------------------------------------------------------------------------- Function
+class WinogradConv3x3(Function):
+    """out = conv2d(x, weight, bias, stride=1, padding=1) by F(2x2, 3x3) (module docstring).
+
+    Shapes: x (N, C_in, H, W), weight (C_out, C_in, 3, 3), bias (C_out,) or None ->
+    out (N, C_out, H, W). Saves ``x`` and the transformed filters ``U`` (16/9 the size of
+    ``weight``); backward recomputes the input transform V rather than keeping it (4x
+    the size of ``x``), as im2col's backward recomputes its columns.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        x = np.ascontiguousarray(x) if type(x) is np.ndarray else x
+        tf = _transforms(x, weight)
+        U = filter_transform(weight)                                   # (16, C_out, C_in)
+        V = tf["input_transform"](x)                                   # (16, C_in, T)
+        M = batched_matmul(U, V)                                       # (16, C_out, T)
+        out = tf["output_transform"](M, (x.shape[0], weight.shape[0]) + x.shape[2:])
+        if bias is not None:
+            out += bias[:, None, None]
+        ctx.save_for_backward(x, U)
+        return out                                                     # (N, C_out, H, W)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, U = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad
+        grad = np.ascontiguousarray(grad) if type(grad) is np.ndarray else grad
+        tf = _transforms(x, grad)
+        Gy = tf["output_transform_adjoint"](grad)                      # (16, C_out, T)
+        grad_x = grad_w = grad_b = None
+        if need_x:
+            dV = batched_matmul(U.transpose(0, 2, 1), Gy)              # (16, C_in, T)
+            grad_x = tf["input_transform_adjoint"](dV, x.shape)        # (N, C_in, H, W)
+        if need_w:
+            V = tf["input_transform"](x)                               # (16, C_in, T)
+            dU = batched_matmul(Gy, V.transpose(0, 2, 1))              # (16, C_out, C_in)
+            grad_w = filter_transform_adjoint(dU)                      # (C_out, C_in, 3, 3)
+        if need_b:
+            grad_b = grad.sum(axis=(0, 2, 3))                          # (C_out,)
+        return grad_x, grad_w, grad_b

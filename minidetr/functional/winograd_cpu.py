@@ -1,0 +1,247 @@
+"""Numba CPU kernels of the Winograd F(2x2, 3x3) transforms (the fast path of winograd.py).
+
+The NumPy functions of :mod:`.winograd` are the reference: they build every 4x4 tile as a
+(N, C, th, tw, 4, 4) array and transform it with ``einsum``, several full-size
+temporaries per call. Each kernel here makes one pass: per tile it loads the 16 (or 4)
+numbers into registers, applies the 1-D transform along the rows and then along the
+columns (the matrices are 0/+1/-1, so only additions; the filter transform has halves),
+and writes the results to their 16 matrices. Same names and signatures as the reference
+(:func:`transforms`), same numbers up to the order of the additions (float rounding).
+
+Padding: the input transform copies each (n, c) plane into a zeroed (2 th + 2, 2 tw + 2)
+scratch plane (its border is the convolution's zero padding, plus one more row/column
+for an odd size), so the tile loop has no bounds checks; the adjoint adds into such a
+plane and copies its inside out. Tiles and T-order as in :mod:`.winograd`: t = (n, u, v).
+
+Threads: the channels (filters for the filter transforms) are cut into one block per
+thread (:func:`._parallel.run_blocks`); kernels are ``nogil`` so the blocks run at once.
+Arrays under 256 KiB are transformed in the calling thread. Compilation: on first use,
+once per dtype, cached on disk.
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+from ._parallel import cpu_threads, run_blocks
+
+_SPLIT_BYTES = 1 << 18      # arrays below 256 KiB are transformed in one block
+
+
+# --------------------------------------------------------------------------- 1-D transforms
+@njit(inline="always")
+def _b(v0, v1, v2, v3):
+    """B v for a 4-vector v (adjoint of the input transform)."""
+    return v0, v1 - v2 + v3, v1 + v2 - v0, -v3
+
+
+@njit(inline="always")
+def _a(g0, g1):
+    """A g for a 2-vector g (adjoint of the output transform): 4 outputs."""
+    return g0, g0 + g1, g0 - g1, -g1
+
+
+# --------------------------------------------------------------------------- kernels
+@njit(nogil=True, cache=True)
+def _input_transform(x, c0, c1, V):
+    """V[4a + b, c, t] = (B^T d_t B)[a, b] for channels c0..c1-1.
+
+    x (N, C, H, W) C-contiguous; V (16, C, T), T = N * th * tw.
+
+    Per (n, c) plane: its padded columns are split into even ``ev[row, v] = x_pad[row, 2v]``
+    and odd ``od[row, v] = x_pad[row, 2v + 1]`` ones, so that tile column v reads
+    ``ev[v], od[v], ev[v + 1], od[v + 1]``: contiguous in v (SIMD). B^T along the width is
+    done once per padded row (``E``), then B^T along the height once per tile row.
+    """
+    N, C, H, W = x.shape
+    th, tw = (H + 1) // 2, (W + 1) // 2
+    rows = 2 * th + 2
+    ev = np.zeros((rows, tw + 1), x.dtype)       # padding rows/columns stay zero
+    od = np.zeros((rows, tw + 1), x.dtype)
+    E = np.empty((rows, 4, tw), x.dtype)         # E[row, b, v] = (B^T x_pad[row, 2v:2v+4])[b]
+    for n in range(N):
+        for c in range(c0, c1):
+            for i in range(H):                   # x row i is padded row i + 1
+                for v in range(1, W // 2 + 1):
+                    ev[i + 1, v] = x[n, c, i, 2 * v - 1]       # padded column 2v
+                for v in range((W + 1) // 2):
+                    od[i + 1, v] = x[n, c, i, 2 * v]           # padded column 2v + 1
+            for row in range(rows):
+                for v in range(tw):
+                    E[row, 0, v] = ev[row, v] - ev[row, v + 1]
+                    E[row, 1, v] = od[row, v] + ev[row, v + 1]
+                    E[row, 2, v] = ev[row, v + 1] - od[row, v]
+                    E[row, 3, v] = od[row, v] - od[row, v + 1]
+            for u in range(th):
+                r = 2 * u
+                t0 = (n * th + u) * tw
+                for b in range(4):
+                    for v in range(tw):
+                        e1, e2 = E[r + 1, b, v], E[r + 2, b, v]
+                        V[b, c, t0 + v] = E[r, b, v] - e2
+                        V[4 + b, c, t0 + v] = e1 + e2
+                        V[8 + b, c, t0 + v] = e2 - e1
+                        V[12 + b, c, t0 + v] = e1 - E[r + 3, b, v]
+
+
+@njit(nogil=True, cache=True)
+def _input_transform_adjoint(dV, c0, c1, dx):
+    """dx[n, c] = sum over tiles of B dV_t B^T, added at the tile's 4x4 block (c0..c1-1).
+
+    dV (16, C, T); dx (N, C, H, W).
+
+    The reverse of :func:`_input_transform`: B along the height, summed into ``F[row, b, v]``
+    per padded row (tile rows overlap by two rows); then B along the width, where tile
+    column v adds ``h0..h3`` to padded columns 2v..2v+3, so padded column 2m collects
+    ``h0[m] + h2[m - 1]`` and column 2m + 1 ``h1[m] + h3[m - 1]``.
+    """
+    N, C, H, W = dx.shape
+    th, tw = (H + 1) // 2, (W + 1) // 2
+    rows = 2 * th + 2
+    F = np.empty((rows, 4, tw), dx.dtype)
+    h = np.zeros((4, tw + 1), dx.dtype)          # h[k, v]; column tw stays zero
+    for n in range(N):
+        for c in range(c0, c1):
+            F[:] = 0
+            for u in range(th):
+                r = 2 * u
+                t0 = (n * th + u) * tw
+                for b in range(4):
+                    for v in range(tw):
+                        f0, f1, f2, f3 = _b(dV[b, c, t0 + v], dV[4 + b, c, t0 + v],
+                                            dV[8 + b, c, t0 + v], dV[12 + b, c, t0 + v])
+                        F[r, b, v] += f0
+                        F[r + 1, b, v] += f1
+                        F[r + 2, b, v] += f2
+                        F[r + 3, b, v] += f3
+            for i in range(H):                   # x row i is padded row i + 1
+                for v in range(tw):
+                    h[0, v], h[1, v], h[2, v], h[3, v] = _b(F[i + 1, 0, v], F[i + 1, 1, v],
+                                                            F[i + 1, 2, v], F[i + 1, 3, v])
+                # x column 2m is padded column 2m + 1; x column 2m + 1 is padded 2m + 2.
+                dx[n, c, i, 0] = h[1, 0]
+                for m in range(1, (W + 1) // 2):
+                    dx[n, c, i, 2 * m] = h[1, m] + h[3, m - 1]
+                for m in range(W // 2):
+                    dx[n, c, i, 2 * m + 1] = h[0, m + 1] + h[2, m]
+
+
+@njit(nogil=True, cache=True)
+def _output_transform(M, o0, o1, y):
+    """y[n, o, 2u:2u+2, 2v:2v+2] = A^T m_t A for filters o0..o1-1.
+
+    M (16, C_out, T); y (N, C_out, 2 th, 2 tw): even sizes (the wrapper cuts odd ones).
+    Per tile row: A^T along a into ``P[p, b, v]`` (contiguous in v), then along b.
+    """
+    N, C_out, H2, W2 = y.shape
+    th, tw = H2 // 2, W2 // 2
+    P = np.empty((2, 4, tw), y.dtype)
+    for o in range(o0, o1):
+        for n in range(N):
+            for u in range(th):
+                t0 = (n * th + u) * tw
+                for b in range(4):
+                    for v in range(tw):
+                        m1, m2 = M[4 + b, o, t0 + v], M[8 + b, o, t0 + v]
+                        P[0, b, v] = M[b, o, t0 + v] + m1 + m2
+                        P[1, b, v] = m1 - m2 - M[12 + b, o, t0 + v]
+                for p in range(2):
+                    for v in range(tw):
+                        y[n, o, 2 * u + p, 2 * v] = P[p, 0, v] + P[p, 1, v] + P[p, 2, v]
+                        y[n, o, 2 * u + p, 2 * v + 1] = P[p, 1, v] - P[p, 2, v] - P[p, 3, v]
+
+
+@njit(nogil=True, cache=True)
+def _output_transform_adjoint(g, o0, o1, Gy):
+    """Gy[4a + b, o, t] = (A g_t A^T)[a, b] for filters o0..o1-1, g_t the tile's 2x2
+    block of the gradient.
+
+    g (N, C_out, 2 th, 2 tw): even sizes (the wrapper pads odd ones); Gy (16, C_out, T).
+    Per tile row: A along the two rows into ``S[a, v]`` for the even (``Se``) and odd
+    (``So``) columns, then A along the width, all contiguous in v.
+    """
+    N, C_out, H2, W2 = g.shape
+    th, tw = H2 // 2, W2 // 2
+    Se = np.empty((4, tw), g.dtype)
+    So = np.empty((4, tw), g.dtype)
+    for o in range(o0, o1):
+        for n in range(N):
+            for u in range(th):
+                r = 2 * u
+                t0 = (n * th + u) * tw
+                for v in range(tw):
+                    Se[0, v], Se[1, v], Se[2, v], Se[3, v] = _a(g[n, o, r, 2 * v],
+                                                                g[n, o, r + 1, 2 * v])
+                    So[0, v], So[1, v], So[2, v], So[3, v] = _a(g[n, o, r, 2 * v + 1],
+                                                                g[n, o, r + 1, 2 * v + 1])
+                for a in range(4):
+                    for v in range(tw):
+                        e, d = Se[a, v], So[a, v]
+                        Gy[4 * a, o, t0 + v] = e
+                        Gy[4 * a + 1, o, t0 + v] = e + d
+                        Gy[4 * a + 2, o, t0 + v] = e - d
+                        Gy[4 * a + 3, o, t0 + v] = -d
+
+
+# --------------------------------------------------------------------------- wrappers
+def _by_blocks(kernel, count, nbytes, *args):
+    """``kernel(*args[:-1], lo, hi, args[-1])`` over blocks [lo, hi) of range(count), one
+    block per thread when the array is large enough (module docstring)."""
+    *inputs, output = args
+    threads = min(cpu_threads(), count)
+    if threads <= 1 or nbytes < _SPLIT_BYTES:
+        kernel(*inputs, 0, count, output)
+        return
+    cuts = [count * k // threads for k in range(threads + 1)]
+    run_blocks(lambda b: kernel(*inputs, cuts[b], cuts[b + 1], output), threads, threads)
+
+
+def _tiles(H, W):
+    return ((H + 1) // 2) * ((W + 1) // 2)
+
+
+def input_transform(x):
+    """x (N, C, H, W) -> V (16, C, T)."""
+    x = np.ascontiguousarray(x)
+    N, C, H, W = x.shape
+    V = np.empty((16, C, N * _tiles(H, W)), dtype=x.dtype)
+    _by_blocks(_input_transform, C, V.nbytes, x, V)
+    return V
+
+
+def input_transform_adjoint(dV, x_shape):
+    """dV (16, C, T) -> dL/dx (N, C, H, W)."""
+    dV = np.ascontiguousarray(dV)
+    dx = np.empty(tuple(x_shape), dtype=dV.dtype)
+    _by_blocks(_input_transform_adjoint, x_shape[1], dV.nbytes, dV, dx)
+    return dx
+
+
+def output_transform(M, out_shape):
+    """M (16, C_out, T) -> y (N, C_out, H, W)."""
+    M = np.ascontiguousarray(M)
+    N, C_out, H, W = out_shape
+    y = np.empty((N, C_out, H + H % 2, W + W % 2), dtype=M.dtype)  # whole tiles
+    _by_blocks(_output_transform, C_out, M.nbytes, M, y)
+    return y if not (H % 2 or W % 2) else np.ascontiguousarray(y[:, :, :H, :W])
+
+
+def output_transform_adjoint(grad):
+    """dL/dy (N, C_out, H, W) -> Gy (16, C_out, T)."""
+    N, C_out, H, W = grad.shape
+    if H % 2 or W % 2:                                    # whole tiles: pad with zeros
+        padded = np.zeros((N, C_out, H + H % 2, W + W % 2), dtype=grad.dtype)
+        padded[:, :, :H, :W] = grad
+        grad = padded
+    grad = np.ascontiguousarray(grad)
+    Gy = np.empty((16, C_out, N * _tiles(H, W)), dtype=grad.dtype)
+    _by_blocks(_output_transform_adjoint, C_out, Gy.nbytes, grad, Gy)
+    return Gy
+
+
+def transforms():
+    """These kernels by name, as :func:`.winograd.reference_transforms` gives the reference."""
+    return {"input_transform": input_transform,
+            "input_transform_adjoint": input_transform_adjoint,
+            "output_transform": output_transform,
+            "output_transform_adjoint": output_transform_adjoint}
