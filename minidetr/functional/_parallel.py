@@ -16,13 +16,14 @@ Where a block boundary falls, OpenBLAS may compute an element with its edge-tile
 instead of its full-tile one, which can change the last bit or two of a float32 (the tests
 bound the difference); a given thread count always gives the same numbers.
 
-Products under ``MIN_FLOPS`` (1e8 floating-point operations, about a millisecond on one
-core) run in the calling thread. Handing a block to another thread costs 20-50
+Products under ``MIN_FLOPS`` (5e7 floating-point operations, about half a millisecond on
+one core) run in the calling thread. Handing a block to another thread costs 20-50
 microseconds on an idle machine, but during training the data loader's threads want the
-cores too. Three epochs of the demo (the `tiny` model, products of 10-100 MFLOP) took
+cores too. Three epochs of the demo (the `tiny` model, products of 10-40 MFLOP) took
 49 s with a threshold of 4e6, 44 s with 3e7, 43 s with 1e8 and 41 s with everything on
-one thread. A lower threshold of 3e7 made a `small` step 5-12 % faster (its 89 MFLOP
-projections split) but the whole demo no faster (4 min 7 s against 3 min 44 s).
+one thread. 5e7 keeps every `tiny` product on one thread (the same 70 ms step as 1e8)
+and splits the `small` model's 63-89 MFLOP projections (369 against 378 ms a step,
+interleaved in one process).
 
 ``run_blocks`` is the general tool (``conv.py`` uses it for col2im by blocks of
 channels); ``matmul``, ``batched_matmul`` and ``matmul_sum`` are the products the layers
@@ -41,7 +42,7 @@ from concurrent.futures import ThreadPoolExecutor, wait
 
 import numpy as np
 
-MIN_FLOPS = 1e8          # products below this many floating-point operations stay serial
+MIN_FLOPS = 5e7          # products below this many floating-point operations stay serial
 
 
 def cpu_threads() -> int:

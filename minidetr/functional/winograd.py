@@ -49,6 +49,8 @@ im2col. The transforms run as Numba kernels (:mod:`.winograd_cpu`); the NumPy fu
 below are their readable reference (and what a CuPy array would use with
 ``algorithm="winograd"``). Measured (2 CPU threads, ResNet-18 at 2 x 256 x 256, a full
 training step): see docs/profile.md, section 7.
+
+Derivation: docs/autograd.md, section "Winograd F(2×2, 3×3) convolution".
 """
 from __future__ import annotations
 
