@@ -79,18 +79,20 @@ def tile_counts(H, W):
     return (H + 1) // 2, (W + 1) // 2
 
 
-# Few tiles per input channel: the transformed filters U (16 C_out C_in numbers, made
-# again every call) outweigh the saving on the products (16 C_out C_in T multiplications
-# instead of 36). Measured, fwd + bwd, 2 threads: C_in = 256 with T = 128 tiles 13.0 ->
-# 9.2 ms; C_in = 512 with T = 32 (ResNet-18's layer4 at 256 x 256) 14.5 -> 17.2 ms.
-MIN_TILES_PER_CHANNEL = 0.5
+# With few tiles the 16 products are skinny (T columns) and the transformed filters U
+# (16 C_out C_in numbers, made again every call) cost more than the products save.
+# Measured, forward + backward, 2 threads (N, C_in = C_out, H = W): im2col against
+# Winograd in ms: (2, 512, 8), T = 32: 16.1 -> 11.7; (1, 512, 8), T = 16: 9.7 -> 10.2;
+# (1, 256, 8), T = 16: 3.8 -> 5.0; (8, 64, 2), T = 8: 0.6 -> 0.8; (8, 64, 8), T = 128:
+# 3.6 -> 2.2.
+MIN_TILES = 32
 
 
 def applies(x, weight, stride, padding, dilation) -> bool:
     """True when :func:`.conv.conv2d` with ``algorithm="auto"`` takes the Winograd path:
     a 3x3 kernel, stride 1, padding 1, dilation 1, on NumPy float32/float64 arrays
-    (``x`` and ``weight``: Tensors or arrays), with at least ``MIN_TILES_PER_CHANNEL``
-    tiles (T = N * th * tw) per input channel."""
+    (``x`` and ``weight``: Tensors or arrays), with at least ``MIN_TILES`` tiles
+    (T = N * th * tw)."""
     x, weight = (a.data if isinstance(a, Tensor) else a for a in (x, weight))
     if not (tuple(weight.shape[2:]) == (3, 3) and stride == (1, 1) and padding == (1, 1)
             and dilation == (1, 1) and type(x) is np.ndarray and type(weight) is np.ndarray
@@ -98,7 +100,7 @@ def applies(x, weight, stride, padding, dilation) -> bool:
             and x.size > 0):
         return False
     th, tw = tile_counts(*x.shape[2:])
-    return x.shape[0] * th * tw >= MIN_TILES_PER_CHANNEL * x.shape[1]
+    return x.shape[0] * th * tw >= MIN_TILES
 
 
 # --------------------------------------------------------------------------- NumPy reference
@@ -200,10 +202,11 @@ def output_transform_adjoint(grad):
 
 
 def reference_transforms():
-    """The NumPy reference of the tile transforms, by name (the fast kernels have the same
-    names and signatures in :mod:`.winograd_cpu`; the filter transforms are one matrix
-    product each, the same for every array type)."""
-    return {"input_transform": input_transform,
+    """The NumPy reference of every transform, by name (the fast kernels have the same
+    names and signatures in :mod:`.winograd_cpu`)."""
+    return {"filter_transform": filter_transform,
+            "filter_transform_adjoint": filter_transform_adjoint,
+            "input_transform": input_transform,
             "input_transform_adjoint": input_transform_adjoint,
             "output_transform": output_transform,
             "output_transform_adjoint": output_transform_adjoint}
@@ -231,7 +234,7 @@ class WinogradConv3x3(Function):
     def forward(ctx, x, weight, bias):
         x = np.ascontiguousarray(x) if type(x) is np.ndarray else x
         tf = _transforms(x, weight)
-        U = filter_transform(weight)                                   # (16, C_out, C_in)
+        U = tf["filter_transform"](weight)                             # (16, C_out, C_in)
         V = tf["input_transform"](x)                                   # (16, C_in, T)
         M = batched_matmul(U, V)                                       # (16, C_out, T)
         out = tf["output_transform"](M, (x.shape[0], weight.shape[0]) + x.shape[2:])
@@ -254,7 +257,7 @@ class WinogradConv3x3(Function):
         if need_w:
             V = tf["input_transform"](x)                               # (16, C_in, T)
             dU = batched_matmul(Gy, V.transpose(0, 2, 1))              # (16, C_out, C_in)
-            grad_w = filter_transform_adjoint(dU)                      # (C_out, C_in, 3, 3)
+            grad_w = tf["filter_transform_adjoint"](dU)                # (C_out, C_in, 3, 3)
         if need_b:
             grad_b = grad.sum(axis=(0, 2, 3))                          # (C_out,)
         return grad_x, grad_w, grad_b

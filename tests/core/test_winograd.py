@@ -32,7 +32,10 @@ def _transform_inputs(shape, dtype, rng):
     dV = rng.normal(size=(16, C_in, T)).astype(dtype)
     M = rng.normal(size=(16, C_out, T)).astype(dtype)
     gy = rng.normal(size=(N, C_out, H, W)).astype(dtype)
-    return {"input_transform": (x,), "input_transform_adjoint": (dV, x.shape),
+    w = rng.normal(size=(C_out, C_in, 3, 3)).astype(dtype)
+    dU = rng.normal(size=(16, C_out, C_in)).astype(dtype)
+    return {"filter_transform": (w,), "filter_transform_adjoint": (dU,),
+            "input_transform": (x,), "input_transform_adjoint": (dV, x.shape),
             "output_transform": (M, gy.shape), "output_transform_adjoint": (gy,)}
 
 
@@ -72,10 +75,10 @@ def test_adjoints_are_transposes(shape, fast):
     lhs = np.vdot(tf["output_transform"](M, out_shape), gy)
     rhs = np.vdot(M, tf["output_transform_adjoint"](gy))
     assert abs(lhs - rhs) <= 1e-10 * max(1.0, abs(lhs)), f"output transform {shape}: {lhs} vs {rhs}"
-    w = rng.normal(size=shape[2:0:-1] + (3, 3))                          # (C_out, C_in, 3, 3)
-    dU = rng.normal(size=(16,) + w.shape[:2])
-    lhs = np.vdot(winograd.filter_transform(w), dU)
-    rhs = np.vdot(w, winograd.filter_transform_adjoint(dU))
+    w, = args["filter_transform"]
+    dU, = args["filter_transform_adjoint"]
+    lhs = np.vdot(tf["filter_transform"](w), dU)
+    rhs = np.vdot(w, tf["filter_transform_adjoint"](dU))
     assert abs(lhs - rhs) <= 1e-10 * max(1.0, abs(lhs)), f"filter transform {shape}: {lhs} vs {rhs}"
 
 
@@ -147,12 +150,13 @@ def test_winograd_gradients_match_im2col_in_float32(needs, monkeypatch):
 # =========================================================================== dispatch
 def test_auto_chooses_winograd_only_where_it_pays(rng):
     w3 = np.zeros((8, 8, 3, 3), np.float32)
-    many = np.zeros((2, 8, 8, 8), np.float32)             # T = 32 tiles, 8 channels
-    few = np.zeros((1, 8, 2, 2), np.float32)              # T = 1 tile, 8 channels
+    many = np.zeros((2, 8, 8, 8), np.float32)             # T = 2 * 4 * 4 = 32 tiles
+    few = np.zeros((1, 8, 8, 7), np.float32)              # T = 16 tiles
     one = (1, 1)
     assert winograd.applies(many, w3, one, one, one)
     assert winograd.applies(Tensor(many), Tensor(w3), one, one, one), "Tensors are unwrapped"
-    assert not winograd.applies(few, w3, one, one, one), "too few tiles per channel"
+    assert winograd.MIN_TILES == 32
+    assert not winograd.applies(few, w3, one, one, one), "too few tiles"
     assert not winograd.applies(many, w3, (2, 2), one, one), "stride 2"
     assert not winograd.applies(many, w3, one, (0, 0), one), "no padding"
     assert not winograd.applies(many, w3, one, one, (2, 2)), "dilation"
@@ -161,7 +165,7 @@ def test_auto_chooses_winograd_only_where_it_pays(rng):
 
 
 def test_auto_gives_the_same_numbers_as_both_algorithms(rng):
-    x, w = rng.normal(size=(2, 3, 6, 5)), rng.normal(size=(4, 3, 3, 3))
+    x, w = rng.normal(size=(2, 3, 16, 15)), rng.normal(size=(4, 3, 3, 3))   # 64 tiles
     auto = F.conv2d(x, w, padding=1)
     assert_allclose(auto, F.conv2d(x, w, padding=1, algorithm="winograd"), rtol=0, atol=0,
                     what="auto vs winograd")
