@@ -137,23 +137,29 @@ def _worth_splitting(a, b, flops):
     return (isinstance(a, np.ndarray) and isinstance(b, np.ndarray) and flops >= MIN_FLOPS)
 
 
-def matmul(a, b, out=None, threads=None):
-    """``a @ b`` for 2-D arrays a (M, K), b (K, N) -> (M, N), large ones split over threads.
+def matmul(a, b, out=None, threads=None, bias=None):
+    """``a @ b (+ bias)`` for 2-D arrays a (M, K), b (K, N) -> (M, N), large ones split
+    over threads.
 
     Args:
         a, b: 2-D NumPy (or CuPy: passed through) arrays of one float dtype.
         out: optional (M, N) array to write into.
         threads: override of :func:`cpu_threads` (tests).
+        bias: optional (N,) array added to every row (a Linear layer's bias). Each block
+            adds it to its own rows or columns right after its product, while they are
+            still in the core's cache, and on its own thread.
 
     Row blocks when M >= N, column blocks otherwise (see the module docstring).
     """
     M, K = a.shape
     N = b.shape[1]
-    if not _worth_splitting(a, b, 2.0 * M * K * N):               # most products: at once
-        return a @ b if out is None else np.matmul(a, b, out=out)
     threads = cpu_threads() if threads is None else threads
-    if threads <= 1 or max(M, N) < 2 * threads:
-        return a @ b if out is None else np.matmul(a, b, out=out)
+    if (not _worth_splitting(a, b, 2.0 * M * K * N) or threads <= 1
+            or max(M, N) < 2 * threads):                          # most products: at once
+        out = a @ b if out is None else np.matmul(a, b, out=out)
+        if bias is not None:
+            out += bias
+        return out
     if out is None:
         out = np.empty((M, N), dtype=np.result_type(a, b))
     cuts = _bounds(M if M >= N else N, threads)
@@ -162,8 +168,12 @@ def matmul(a, b, out=None, threads=None):
         lo, hi = cuts[i], cuts[i + 1]
         if M >= N:
             np.matmul(a[lo:hi], b, out=out[lo:hi])                 # (rows, K) @ (K, N)
+            if bias is not None:
+                out[lo:hi] += bias
         else:
             np.matmul(a, b[:, lo:hi], out=out[:, lo:hi])           # (M, K) @ (K, cols)
+            if bias is not None:
+                out[:, lo:hi] += bias[lo:hi]
 
     run_blocks(block, threads, threads)
     return out

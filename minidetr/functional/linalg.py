@@ -99,9 +99,7 @@ class Linear(Function):
     def forward(ctx, x, weight, bias):
         out_features, in_features = weight.shape
         x2 = x.reshape(-1, in_features)                       # (B, in)
-        y2 = parallel_matmul(x2, weight.T)                    # (B, out)
-        if bias is not None:
-            y2 += bias
+        y2 = parallel_matmul(x2, weight.T, bias=bias)         # (B, out)
         ctx.save_for_backward(x2, weight)
         ctx.x_shape = x.shape
         return y2.reshape(x.shape[:-1] + (out_features,))     # (..., out)

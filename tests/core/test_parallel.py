@@ -37,6 +37,17 @@ def test_matmul_blocks_equal_the_serial_product(shape, threads, dtype, monkeypat
     out = np.full((M, N), np.nan, dtype)
     assert matmul(a, b, out=out, threads=threads) is out
     _assert_same(out, a @ b, "matmul into out")
+    bias = rng.standard_normal(N).astype(dtype)
+    _assert_same(matmul(a, b, threads=threads, bias=bias), a @ b + bias,
+                 f"matmul + bias {shape} on {threads} threads (each block adds its part)")
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_matmul_adds_the_bias_when_not_split_too(threads):
+    rng = np.random.default_rng(3)
+    a, b = rng.standard_normal((5, 4)), rng.standard_normal((4, 3))
+    bias = np.array([1.0, -2.0, 30.0])
+    _assert_same(matmul(a, b, threads=threads, bias=bias), a @ b + bias, "small matmul + bias")
 
 
 @pytest.mark.parametrize("batch", [1, 2, 5])
