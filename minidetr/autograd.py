@@ -121,7 +121,8 @@ class Tensor:
     __array_priority__ = 1000          # make ndarray + Tensor call Tensor.__radd__
 
     def __init__(self, data, requires_grad: bool = False, dtype=None):
-        data = as_array(data, dtype=dtype)
+        if dtype is not None or type(data) is not np.ndarray:     # (an ndarray is kept as is)
+            data = as_array(data, dtype=dtype)
         if requires_grad and data.dtype.kind != "f":
             raise TypeError(f"only floating-point tensors can require grad, got {data.dtype}")
         self.data = data

@@ -102,9 +102,12 @@ def get_array_module(*arrays):
     """
     found = None
     for a in arrays:
-        if a is None or isinstance(a, (int, float, bool, np.generic)):
+        if type(a) is np.ndarray:                  # the common case, checked first: cheap
+            mod = "numpy"
+        elif a is None or isinstance(a, (int, float, bool, np.generic)):
             continue
-        mod = "cupy" if is_cupy_array(a) else "numpy"
+        else:
+            mod = "cupy" if is_cupy_array(a) else "numpy"
         if found is None:
             found = mod
         elif found != mod:
