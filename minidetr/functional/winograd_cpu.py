@@ -21,7 +21,8 @@ odd size. Tiles and T-order as in :mod:`.winograd`: t = (n, u, v).
 Threads: the channels (filters for the filter transforms) are cut into one block per
 thread (:func:`._parallel.run_blocks`); kernels are ``nogil`` so the blocks run at once.
 Arrays under 256 KiB are transformed in the calling thread. Compilation: on first use,
-once per dtype, cached on disk.
+once per dtype, cached on disk (measured: 4.9 s for the float32 kernels the first time; a
+new process then pays 0.6 s at its first call, mostly Numba's own start-up).
 """
 from __future__ import annotations
 
