@@ -35,7 +35,7 @@ from ..autograd import Function
 from ..backend import get_array_module
 from . import winograd
 from ._parallel import batched_matmul, cpu_threads, matmul_sum, run_blocks
-from ._util import same_float_dtype
+from ._util import cpu_kernels_apply, same_float_dtype
 
 ALGORITHMS = ("auto", "im2col", "winograd")
 
@@ -263,25 +263,37 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, algorithm="aut
 class MaxPool2d(Function):
     """The maximum of every window; the gradient goes to the element that won.
 
-    Forward is one elementwise maximum per kernel tap. Backward finds, per window, the
-    first tap (in row-major order) whose value equals the maximum -- PyTorch's choice on
-    ties -- and sends the output gradient to that pixel; a pixel that wins several
-    overlapping windows collects several gradients. Finding the winners in backward
+    Forward is one elementwise maximum per kernel tap (:meth:`reference_forward`; NumPy
+    float arrays take the one-pass Numba kernel of :mod:`.pool_cpu`, same numbers).
+    Backward finds, per window, the first tap (in row-major order) whose value equals the
+    maximum -- PyTorch's choice on ties -- and sends the output gradient to that pixel; a
+    pixel that wins several overlapping windows collects several gradients. Finding the winners in backward
     keeps forward cheap when no gradient is needed (the frozen ResNet stem).
     """
 
     @staticmethod
     def forward(ctx, x, kernel, stride, padding):
+        ctx.geometry = (kernel, stride, padding)
+        if cpu_kernels_apply(x):                                       # one pass, Numba
+            from . import pool_cpu
+            out = pool_cpu.max_pool2d_forward(x, kernel, stride, padding)
+        else:
+            out = MaxPool2d.reference_forward(x, kernel, stride, padding)
+        ctx.save_for_backward(x, out)
+        return out                                                     # (N, C, H_out, W_out)
+
+    @staticmethod
+    def reference_forward(x, kernel, stride, padding):
+        """The maximum over the kernel taps, one NumPy/CuPy ``maximum`` per tap."""
         (kh, kw), (sh, sw), (ph, pw) = kernel, stride, padding
         H_out, W_out = _out_size(x.shape[2], kh, sh, ph, 1), _out_size(x.shape[3], kw, sw, pw, 1)
         x_pad = _pad_with_minus_inf(x, padding)                        # (N, C, H+2ph, W+2pw)
+        xp = get_array_module(x)
         out = None
         for i in range(kh):
             for j in range(kw):
                 window_ij = x_pad[:, :, _tap(i, 1, sh, H_out), _tap(j, 1, sw, W_out)]
-                out = window_ij.copy() if out is None else ctx.xp.maximum(out, window_ij)
-        ctx.save_for_backward(x, out)
-        ctx.geometry = (kernel, stride, padding)
+                out = window_ij.copy() if out is None else xp.maximum(out, window_ij)
         return out                                                     # (N, C, H_out, W_out)
 
     @staticmethod
