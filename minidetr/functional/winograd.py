@@ -201,15 +201,15 @@ def output_transform_adjoint(grad):
     return xp.ascontiguousarray(Gy.reshape(16, C_out, -1))             # (16, C_out, T)
 
 
+TRANSFORMS = ("filter_transform", "filter_transform_adjoint", "input_transform",
+              "input_transform_adjoint", "output_transform", "output_transform_adjoint")
+
+
 def reference_transforms():
-    """The NumPy reference of every transform, by name (the fast kernels have the same
-    names and signatures in :mod:`.winograd_cpu`)."""
-    return {"filter_transform": filter_transform,
-            "filter_transform_adjoint": filter_transform_adjoint,
-            "input_transform": input_transform,
-            "input_transform_adjoint": input_transform_adjoint,
-            "output_transform": output_transform,
-            "output_transform_adjoint": output_transform_adjoint}
+    """The NumPy reference of every transform, ``{name: function}`` for the names in
+    ``TRANSFORMS`` (the fast kernels have the same names and signatures in
+    :mod:`.winograd_cpu`)."""
+    return {name: globals()[name] for name in TRANSFORMS}
 
 
 def _transforms(*arrays):

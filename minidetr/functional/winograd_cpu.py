@@ -30,6 +30,7 @@ import numpy as np
 from numba import njit
 
 from ._parallel import cpu_threads, run_blocks
+from .winograd import TRANSFORMS
 
 _SPLIT_BYTES = 1 << 18      # arrays below 256 KiB are transformed in one block
 
@@ -325,9 +326,4 @@ def output_transform_adjoint(grad):
 
 def transforms():
     """These kernels by name, as :func:`.winograd.reference_transforms` gives the reference."""
-    return {"filter_transform": filter_transform,
-            "filter_transform_adjoint": filter_transform_adjoint,
-            "input_transform": input_transform,
-            "input_transform_adjoint": input_transform_adjoint,
-            "output_transform": output_transform,
-            "output_transform_adjoint": output_transform_adjoint}
+    return {name: globals()[name] for name in TRANSFORMS}
