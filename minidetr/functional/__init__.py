@@ -10,7 +10,7 @@ Grouped by kind, one file each:
 ``shape``          reshape, permute, transpose, flatten, unsqueeze, squeeze, expand,
                    getitem, gather, concat, stack, split
 ``linalg``         matmul, linear
-``conv``           conv2d (im2col, or Winograd for 3x3 stride-1 kernels), max_pool2d
+``conv``           conv2d (im2col; Winograd for 3x3 stride-1), max_pool2d
 ``winograd``       the Winograd F(2x2, 3x3) convolution conv2d uses on the CPU
 ``norm``           layer_norm, group_norm, frozen_batch_norm
 ``random``         dropout

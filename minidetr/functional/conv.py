@@ -1,5 +1,9 @@
 """2-D convolution by im2col + one GEMM, and 2-D max pooling.
 
+(:func:`conv2d` hands the 3x3, stride-1 convolutions of NumPy arrays to Winograd's
+algorithm, :mod:`.winograd`, which needs 2.25x fewer multiplications; everything here is
+the general method, and the reference the Winograd path is tested against.)
+
 A convolution is a matrix product in disguise. Unfold every receptive field of the
 (zero-padded) input into one column of a matrix ``cols`` -- this is *im2col* -- and the
 convolution becomes a single matrix multiplication with the flattened filters::
@@ -267,8 +271,9 @@ class MaxPool2d(Function):
     float arrays take the one-pass Numba kernel of :mod:`.pool_cpu`, same numbers).
     Backward finds, per window, the first tap (in row-major order) whose value equals the
     maximum -- PyTorch's choice on ties -- and sends the output gradient to that pixel; a
-    pixel that wins several overlapping windows collects several gradients. Finding the winners in backward
-    keeps forward cheap when no gradient is needed (the frozen ResNet stem).
+    pixel that wins several overlapping windows collects several gradients. Finding the
+    winners in backward keeps forward cheap when no gradient is needed (the frozen ResNet
+    stem).
     """
 
     @staticmethod

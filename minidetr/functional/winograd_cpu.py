@@ -2,10 +2,10 @@
 
 The NumPy functions of :mod:`.winograd` are the reference: they build every 4x4 tile as a
 (N, C, th, tw, 4, 4) array and transform it with ``einsum`` (the filters with one matrix
-product), several full-size temporaries per call. Each kernel here makes one pass over its input, applying the 1-D
-transform along the rows and then along the columns (the tile matrices are 0/+1/-1, so
-only additions; the filter transform has halves), and writes the results to their 16
-matrices. The loops are arranged so that the innermost one runs over contiguous memory
+product), several full-size temporaries per call. Each kernel here makes one pass over
+its input, applying the 1-D transform along the rows and then along the columns (the tile
+matrices are 0/+1/-1, so only additions; the filter transform has halves), and writes
+the results to their 16 matrices. The loops are arranged so that the innermost one runs over contiguous memory
 (tile columns v, or input channels c for the filters), which LLVM turns into SIMD code:
 an input plane is split into its even and odd columns first, since tile v starts at
 column 2v. (A first version that worked tile by tile, 16 scalar loads and stores each,
