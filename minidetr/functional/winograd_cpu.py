@@ -5,10 +5,10 @@ The NumPy functions of :mod:`.winograd` are the reference: they build every 4x4 
 product), several full-size temporaries per call. Each kernel here makes one pass over
 its input, applying the 1-D transform along the rows and then along the columns (the tile
 matrices are 0/+1/-1, so only additions; the filter transform has halves), and writes
-the results to their 16 matrices. The loops are arranged so that the innermost one runs over contiguous memory
-(tile columns v, or input channels c for the filters), which LLVM turns into SIMD code:
-an input plane is split into its even and odd columns first, since tile v starts at
-column 2v. (A first version that worked tile by tile, 16 scalar loads and stores each,
+the results to their 16 matrices. The loops are arranged so that the innermost one runs
+over contiguous memory (tile columns v, or input channels c for the filters), which LLVM
+turns into SIMD code: an input plane is split into its even and odd columns first, since
+tile v starts at column 2v. (A first version that worked tile by tile, 16 scalar loads and stores each,
 was 3-5x slower; so was the Kronecker-product matrix product for the filters, a BLAS
 call with an inner dimension of 9.) Same names and signatures as the reference
 (:func:`transforms`), same numbers up to the order of the additions (float rounding).
