@@ -8,10 +8,11 @@ matrices are 0/+1/-1, so only additions; the filter transform has halves), and w
 the results to their 16 matrices. The loops are arranged so that the innermost one runs
 over contiguous memory (tile columns v, or input channels c for the filters), which LLVM
 turns into SIMD code: an input plane is split into its even and odd columns first, since
-tile v starts at column 2v. (A first version that worked tile by tile, 16 scalar loads and stores each,
-was 3-5x slower; so was the Kronecker-product matrix product for the filters, a BLAS
-call with an inner dimension of 9.) Same names and signatures as the reference
-(:func:`transforms`), same numbers up to the order of the additions (float rounding).
+tile v starts at column 2v. (A first version that worked tile by tile, 16 scalar loads
+and stores each, was 3-5x slower; the reference's Kronecker-product matrix product for
+the filters, a BLAS call with an inner dimension of 9, is 2-3x slower.) Same names and
+signatures as the reference (:func:`transforms`), same numbers up to the order of the
+additions (float rounding).
 
 Padding: the even/odd copies of an input plane have zero borders (the convolution's
 padding, plus one more row/column for an odd size), so the tile loops have no bounds
