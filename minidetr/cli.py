@@ -10,7 +10,8 @@ Commands:
                         ``bench train`` (training iterations, and transformers' if installed),
                         ``bench launches`` (GPU kernel launches per training step, counted
                         on the CPU by minidetr.testing.fakecupy), ``bench profile``
-                        (where a CPU training step's time goes, by component)
+                        (where a CPU training step's time goes, by component), ``bench
+                        conv`` (a ResNet's 3x3 convolutions, im2col against Winograd)
     convert-checkpoint  released weights (``.pth``, ``.safetensors``) -> a minidetr ``.npz``
                         (no torch needed)
     check-reference     a converted checkpoint vs the published reference outputs
@@ -504,6 +505,11 @@ def _cmd_bench(args):
                       size=args.size, iterations=args.iterations, warmup=args.warmup,
                       json_path=args.json)
         return 0
+    if args.what == "conv":
+        from .bench.conv import bench_conv
+        bench_conv(batch=2 if args.batch is None else args.batch, size=args.size,
+                   repeats=args.repeats, dtype=args.dtype, json_path=args.json)
+        return 0
     if args.what == "train":
         from .bench.train import bench_train
         return bench_train(config=args.config, variants=args.variant, device=args.device,
@@ -779,8 +785,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "kernel launches of one training step by component and "
                                    "call site, counted on the CPU (minidetr.testing.fakecupy). "
                                    "profile: where a CPU training step's time goes, by "
-                                   "component (ms, %, Function calls, temporary bytes).")
-    b.add_argument("what", choices=["msda", "train", "launches", "profile"],
+                                   "component (ms, %, Function calls, temporary bytes). "
+                                   "conv: a ResNet's 3x3 stride-1 convolutions by im2col "
+                                   "and by Winograd, forward and backward, on the CPU.")
+    b.add_argument("what", choices=["msda", "train", "launches", "profile", "conv"],
                    help="what to benchmark")
     b.add_argument("--json", default=None, help="where to write the results as JSON "
                                                 "(default runs/bench/<what>.json)")
@@ -789,9 +797,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--shapes", default="encoder,decoder",
                    help="msda: comma-separated shape presets: encoder, decoder, tiny")
     b.add_argument("--dtype", default="float32", choices=["float32", "float64"],
-                   help="msda: float type")
+                   help="msda, conv: float type")
     b.add_argument("--repeats", type=int, default=5,
-                   help="msda: timed repetitions (median reported)")
+                   help="msda, conv: timed repetitions (median reported)")
     b.add_argument("--config", default="tiny", choices=CONFIGS,
                    help="train, launches, profile: model preset (default tiny)")
     b.add_argument("--variant", default="plain,refine,two-stage",
@@ -800,12 +808,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="train: where to run (default: cuda when CuPy sees a GPU)")
     b.add_argument("--batch", type=int, default=None,
-                   help="train, launches, profile: images per iteration (default 2; "
+                   help="train, launches, profile, conv: images per iteration (default 2; "
                         "profile: 8 for tiny, 2 for small, 1 for paper)")
     b.add_argument("--size", default=None,
-                   help="train, launches, profile: image HEIGHTxWIDTH (default 128x128 for "
-                        "tiny, 800x1066 for small and paper; profile: 128x128, 256x256, "
-                        "512x512)")
+                   help="train, launches, profile, conv: image HEIGHTxWIDTH (default "
+                        "128x128 for tiny, 800x1066 for small and paper; profile: 128x128, "
+                        "256x256, 512x512; conv: 256x256)")
     b.add_argument("--iterations", type=int, default=5,
                    help="train, profile: timed iterations (median reported; profile: "
                         "as many profiled, mean reported)")

@@ -1,4 +1,4 @@
-"""Benchmarks: ``python -m minidetr bench msda|train|launches|profile``.
+"""Benchmarks: ``python -m minidetr bench msda|train|launches|profile|conv``.
 
 ================  =====================================================================
 :mod:`.common`    shapes and inputs, timers, memory meters, machine info (shared)
@@ -10,6 +10,7 @@
 :mod:`.launches`  GPU kernel launches of one training step, counted on the CPU
 :mod:`.profile`   where a CPU training step's time goes: ms, %, Function calls and
                   temporary bytes per component, forward and backward
+:mod:`.conv`      a ResNet's 3x3 stride-1 convolutions, im2col against Winograd
 ================  =====================================================================
 
 Speed is measured here, never by timed tests; the numbers go into the docs.

@@ -166,4 +166,4 @@ def test_the_docs_page_runs():
     assert commands, "docs/profile.md shows no command"
     for line in commands:
         args = build_parser().parse_args(shlex.split(line)[3:])
-        assert args.what in ("profile", "train"), line
+        assert args.what in ("profile", "train", "conv"), line
