@@ -26,9 +26,9 @@ MFLOP; the same 70 ms step as 1e8; the demo's augmented batches of up to 128 x 2
 66 MFLOP and split) and splits the `small` model's 63-89 MFLOP projections (369 against
 378 ms a step, interleaved in one process).
 
-``run_blocks`` is the general tool (``conv.py`` uses it for col2im by blocks of
-channels); ``matmul``, ``batched_matmul`` and ``matmul_sum`` are the products the layers
-need.
+``run_blocks`` is the general tool; ``run_ranges`` cuts a range of independent items
+(col2im's channels, the Winograd transforms' channels) into one block per thread;
+``matmul``, ``batched_matmul`` and ``matmul_sum`` are the products the layers need.
 
 How many threads: ``MINIDETR_NUM_THREADS`` if set, else the CPUs this process may run on
 (``os.sched_getaffinity``). ``MINIDETR_NUM_THREADS=1`` turns all of this off. Arrays that
@@ -127,6 +127,26 @@ def run_blocks(function, n_blocks, threads=None):
     finally:
         wait(futures)                                  # never leave a block running
     return [first] + [f.result() for f in futures]     # raises a block's exception
+
+
+MIN_BLOCK_BYTES = 1 << 18    # run_ranges: arrays under 256 KiB are worked on in one block
+
+
+def run_ranges(work, count, nbytes, threads=None):
+    """Call ``work(lo, hi)`` over blocks [lo, hi) that cover range(count), one per thread.
+
+    For work that treats each of ``count`` items (channels, filters) on its own: col2im
+    and the Winograd transforms. ``nbytes`` is the size of the array the work goes
+    through; under ``MIN_BLOCK_BYTES`` (or with one thread, or one item) it is one call
+    ``work(0, count)`` in the calling thread.
+    """
+    threads = cpu_threads() if threads is None else threads
+    blocks = min(threads, count)
+    if blocks <= 1 or nbytes < MIN_BLOCK_BYTES:
+        work(0, count)
+        return
+    cuts = _bounds(count, blocks)
+    run_blocks(lambda b: work(cuts[b], cuts[b + 1]), blocks, threads)   # the pool of all threads
 
 
 def _bounds(length, parts):

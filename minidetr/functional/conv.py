@@ -38,7 +38,7 @@ import numpy as np
 from ..autograd import Function
 from ..backend import get_array_module
 from . import winograd
-from ._parallel import batched_matmul, cpu_threads, matmul_sum, run_blocks
+from ._parallel import batched_matmul, matmul_sum, run_ranges
 from ._util import cpu_kernels_apply, same_float_dtype
 
 ALGORITHMS = ("auto", "im2col", "winograd")
@@ -137,29 +137,12 @@ def col2im(cols, x_shape, kernel, stride, padding, dilation):
                 image_pad[:, :, ys, xs] += cols[:, c0:c1, i, j]        # (N, c1-c0, H_out, W_out)
         image[:, c0:c1] = image_pad[:, :, ph:ph + H, pw:pw + W]        # (N, c1-c0, H, W)
 
-    _by_channel_blocks(fold, C, cols)
+    # Channel blocks on separate threads (col2im treats every channel on its own): 25 %
+    # faster at the ResNet-18 shapes on 2 cores. (im2col is a plain copy, bound by memory
+    # bandwidth: blocks gave nothing there, and neither did Numba kernels for both, which
+    # were 1.3-2x slower than NumPy's strided copies.)
+    run_ranges(fold, C, cols.nbytes if isinstance(cols, np.ndarray) else 0)
     return image                                                       # (N, C, H, W)
-
-
-_BLOCK_BYTES = 1 << 18      # column matrices below 256 KiB are folded in one block
-
-
-def _by_channel_blocks(work, C, big):
-    """Run ``work(c0, c1)`` over blocks of channels covering 0 .. C-1.
-
-    col2im treats every channel on its own, so blocks of channels can run on separate
-    threads (:mod:`._parallel`): 25 % faster at the ResNet-18 shapes on 2 cores. (im2col
-    is a plain copy, bound by memory bandwidth: blocks gave nothing there, and neither
-    did Numba kernels for both, which were 1.3-2x slower than NumPy's strided copies.) Only a NumPy column matrix ``big`` of at least
-    ``_BLOCK_BYTES`` is split; everything else is one call ``work(0, C)``.
-    """
-    threads = cpu_threads()
-    if not isinstance(big, np.ndarray) or big.nbytes < _BLOCK_BYTES or threads <= 1 or C < 2:
-        work(0, C)
-        return
-    blocks = min(threads, C)
-    cuts = [C * k // blocks for k in range(blocks + 1)]
-    run_blocks(lambda b: work(cuts[b], cuts[b + 1]), blocks, threads)
 
 
 # --------------------------------------------------------------------------- conv2d

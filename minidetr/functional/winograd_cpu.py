@@ -20,7 +20,7 @@ checks; the output transforms work on whole tiles, and their wrappers cut (or pa
 odd size. Tiles and T-order as in :mod:`.winograd`: t = (n, u, v).
 
 Threads: the channels (filters for the filter transforms) are cut into one block per
-thread (:func:`._parallel.run_blocks`); kernels are ``nogil`` so the blocks run at once.
+thread (:func:`._parallel.run_ranges`); kernels are ``nogil`` so the blocks run at once.
 Arrays under 256 KiB are transformed in the calling thread. Compilation: on first use,
 once per dtype, cached on disk (measured: 4.9 s for the float32 kernels the first time; a
 new process then pays 0.6 s at its first call, mostly Numba's own start-up).
@@ -30,10 +30,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from ._parallel import cpu_threads, run_blocks
+from ._parallel import run_ranges
 from .winograd import TRANSFORMS
-
-_SPLIT_BYTES = 1 << 18      # arrays below 256 KiB are transformed in one block
 
 
 # --------------------------------------------------------------------------- 1-D transforms
@@ -254,18 +252,6 @@ def _filter_transform_adjoint(dU, o0, o1, dw):
 
 
 # --------------------------------------------------------------------------- wrappers
-def _by_blocks(kernel, count, nbytes, *args):
-    """``kernel(*args[:-1], lo, hi, args[-1])`` over blocks [lo, hi) of range(count), one
-    block per thread when the array is large enough (module docstring)."""
-    *inputs, output = args
-    threads = min(cpu_threads(), count)
-    if threads <= 1 or nbytes < _SPLIT_BYTES:
-        kernel(*inputs, 0, count, output)
-        return
-    cuts = [count * k // threads for k in range(threads + 1)]
-    run_blocks(lambda b: kernel(*inputs, cuts[b], cuts[b + 1], output), threads, threads)
-
-
 def _tiles(H, W):
     return ((H + 1) // 2) * ((W + 1) // 2)
 
@@ -274,7 +260,7 @@ def filter_transform(weight):
     """weight (C_out, C_in, 3, 3) -> U (16, C_out, C_in)."""
     weight = np.ascontiguousarray(weight)
     U = np.empty((16,) + weight.shape[:2], dtype=weight.dtype)
-    _by_blocks(_filter_transform, weight.shape[0], U.nbytes, weight, U)
+    run_ranges(lambda lo, hi: _filter_transform(weight, lo, hi, U), weight.shape[0], U.nbytes)
     return U
 
 
@@ -282,7 +268,8 @@ def filter_transform_adjoint(dU):
     """dU (16, C_out, C_in) -> (C_out, C_in, 3, 3)."""
     dU = np.ascontiguousarray(dU)
     dw = np.empty(dU.shape[1:] + (3, 3), dtype=dU.dtype)
-    _by_blocks(_filter_transform_adjoint, dU.shape[1], dU.nbytes, dU, dw)
+    run_ranges(lambda lo, hi: _filter_transform_adjoint(dU, lo, hi, dw), dU.shape[1],
+               dU.nbytes)
     return dw
 
 
@@ -291,7 +278,7 @@ def input_transform(x):
     x = np.ascontiguousarray(x)
     N, C, H, W = x.shape
     V = np.empty((16, C, N * _tiles(H, W)), dtype=x.dtype)
-    _by_blocks(_input_transform, C, V.nbytes, x, V)
+    run_ranges(lambda lo, hi: _input_transform(x, lo, hi, V), C, V.nbytes)
     return V
 
 
@@ -299,7 +286,7 @@ def input_transform_adjoint(dV, x_shape):
     """dV (16, C, T) -> dL/dx (N, C, H, W)."""
     dV = np.ascontiguousarray(dV)
     dx = np.empty(tuple(x_shape), dtype=dV.dtype)
-    _by_blocks(_input_transform_adjoint, x_shape[1], dV.nbytes, dV, dx)
+    run_ranges(lambda lo, hi: _input_transform_adjoint(dV, lo, hi, dx), x_shape[1], dV.nbytes)
     return dx
 
 
@@ -308,7 +295,7 @@ def output_transform(M, out_shape):
     M = np.ascontiguousarray(M)
     N, C_out, H, W = out_shape
     y = np.empty((N, C_out, H + H % 2, W + W % 2), dtype=M.dtype)  # whole tiles
-    _by_blocks(_output_transform, C_out, M.nbytes, M, y)
+    run_ranges(lambda lo, hi: _output_transform(M, lo, hi, y), C_out, M.nbytes)
     return y if not (H % 2 or W % 2) else np.ascontiguousarray(y[:, :, :H, :W])
 
 
@@ -321,7 +308,7 @@ def output_transform_adjoint(grad):
         grad = padded
     grad = np.ascontiguousarray(grad)
     Gy = np.empty((16, C_out, N * _tiles(H, W)), dtype=grad.dtype)
-    _by_blocks(_output_transform_adjoint, C_out, Gy.nbytes, grad, Gy)
+    run_ranges(lambda lo, hi: _output_transform_adjoint(grad, lo, hi, Gy), C_out, Gy.nbytes)
     return Gy
 
 

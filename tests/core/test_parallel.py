@@ -78,10 +78,10 @@ def test_col2im_by_channel_blocks_equals_one_block(monkeypatch):
     monkeypatch.setenv("MINIDETR_NUM_THREADS", "1")
     image_1 = col2im(cols, x_shape, *geometry)
     monkeypatch.setenv("MINIDETR_NUM_THREADS", "3")
-    monkeypatch.setattr("minidetr.functional.conv._BLOCK_BYTES", 0)
+    monkeypatch.setattr("minidetr.functional._parallel.MIN_BLOCK_BYTES", 0)
     calls = []
     real = _parallel.run_blocks
-    monkeypatch.setattr("minidetr.functional.conv.run_blocks",
+    monkeypatch.setattr("minidetr.functional._parallel.run_blocks",
                         lambda *a: calls.append(a[1]) or real(*a))
     # a sum per pixel over the taps, in the same order: the same numbers
     np.testing.assert_array_equal(col2im(cols, x_shape, *geometry), image_1,
