@@ -516,7 +516,7 @@ def _cmd_bench(args):
                            batch=2 if args.batch is None else args.batch, size=args.size,
                            iterations=args.iterations, warmup=args.warmup,
                            compare_hf=not args.no_hf, json_path=args.json,
-                           torch_threads=args.torch_threads)
+                           torch_threads=args.torch_threads, hf_loss=args.hf_loss)
     raise SystemExit(f"unknown benchmark {args.what!r}")
 
 
@@ -825,6 +825,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--torch-threads", type=int, default=None,
                    help="train: torch's CPU threads for transformers' rows (default: "
                         "torch's own, in a process of its own)")
+    b.add_argument("--hf-loss", choices=("official", "shipped"), default="official",
+                   help="train: transformers' two-stage loss; official (default) adds the "
+                        "encoder proposals' _enc terms that transformers leaves out and "
+                        "minidetr computes, shipped times its own loss as it is")
     b.set_defaults(func=_cmd_bench)
 
     c = sub.add_parser("convert-checkpoint",

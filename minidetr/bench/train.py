@@ -104,7 +104,7 @@ def _print_table(rows, print_fn):
 
 def bench_train(config="tiny", variants="all", device="auto", batch=2, size=None,
                 iterations=5, warmup=2, compare_hf=True, json_path=None, seed=0,
-                torch_threads=None, print_fn=print):
+                torch_threads=None, hf_loss="official", print_fn=print):
     """Time training iterations of minidetr (and of transformers' model); print, write JSON.
 
     Args:
@@ -120,6 +120,10 @@ def bench_train(config="tiny", variants="all", device="auto", batch=2, size=None
         torch_threads: torch's CPU threads for transformers' rows; None: torch's own
             default. On a CPU those rows run in a process of their own
             (:func:`minidetr.bench.train_hf.bench_hf_in_child` says why).
+        hf_loss: transformers' two-stage loss: "official" adds the encoder proposals'
+            ``_enc`` terms that transformers leaves out (minidetr computes them, as the
+            official code does), "shipped" times transformers' own loss as it is
+            (:mod:`minidetr.bench.train_hf` explains).
 
     Returns:
         the list of result rows (dicts), as written to the JSON file.
@@ -147,6 +151,9 @@ def bench_train(config="tiny", variants="all", device="auto", batch=2, size=None
                                       or not isinstance(torch_threads, int)
                                       or torch_threads < 1):
         raise ValueError(f"torch_threads must be an int >= 1, got {torch_threads!r}")
+    from .train_hf import HF_LOSSES
+    if hf_loss not in HF_LOSSES:
+        raise ValueError(f"hf_loss must be one of {HF_LOSSES}, got {hf_loss!r}")
     if not hf_status[0]:
         print_fn(f"transformers comparison skipped: {hf_status[1]}")
 
@@ -164,7 +171,8 @@ def bench_train(config="tiny", variants="all", device="auto", batch=2, size=None
             cp.get_default_memory_pool().free_all_blocks()     # leave the GPU to torch
         requests = [dict(config=config, variant=variant, device=device, batch=batch,
                          height=height, width=width, iterations=iterations, warmup=warmup,
-                         seed=seed, threads=torch_threads) for variant in names]
+                         seed=seed, threads=torch_threads, hf_loss=hf_loss)
+                    for variant in names]
         if device == "cpu":
             from .train_hf import bench_hf_in_child
             hf_rows = bench_hf_in_child(requests)       # a process of their own: see there
@@ -176,6 +184,12 @@ def bench_train(config="tiny", variants="all", device="auto", batch=2, size=None
         row["images_per_s"] = batch / (row["ms_median"] / 1e3)
 
     _print_table(rows, print_fn)
+    if hf_status[0] and "two-stage" in names:
+        print_fn("transformers' two-stage loss: " + (
+            "official (its own loss plus the encoder proposals' _enc terms it leaves out, "
+            "as minidetr and the official code compute them; --hf-loss shipped for its own)"
+            if hf_loss == "official" else
+            "as shipped (without the encoder proposals' _enc terms that minidetr computes)"))
     if device == "cpu":
         torch_used = sorted({r["torch_threads"] for r in rows if "torch_threads" in r})
         print_fn(f"CPU threads: minidetr {threads} (MINIDETR_NUM_THREADS; BLAS "
@@ -186,6 +200,7 @@ def bench_train(config="tiny", variants="all", device="auto", batch=2, size=None
     path = Path(json_path) if json_path else DEFAULT_JSON
     write_json(path, dict(benchmark="train", **common, machine=machine_info(device),
                           minidetr_threads=threads, torch_threads=torch_threads,
+                          hf_loss=hf_loss,
                           transformers=hf_status[1], results=rows))
     print_fn(f"results written to {path}")
     return rows

@@ -18,6 +18,19 @@ ResNet the stem and the first stage are frozen, the rest trains (transformers' o
 looks for ``stage.1`` in names that read ``stages.1`` and so would freeze the whole
 backbone, skipping its backward); the tiny backbone trains whole.
 
+Two-stage loss. The official implementation (and minidetr) also trains the encoder's
+proposals: every encoder token's class-agnostic "object or not" logit and its box are
+matched to the targets (labels set to 0) and get the focal, L1 and GIoU losses, the
+``_enc`` terms of the loss. transformers 5's ``DeformableDetrForObjectDetectionLoss``
+leaves them out (it passes only the final and auxiliary outputs to its criterion), so as
+shipped its two-stage model computes no gradient for its proposal heads at all
+(``enc_output``, ``enc_output_norm``, the last ``class_embed`` and ``bbox_embed``) and
+skips one matching and one loss over every encoder token. ``hf_loss="official"`` (the
+default, ``--hf-loss official``) adds those terms with transformers' own matcher and
+criterion (:func:`hf_encoder_loss`), so that both frameworks time the same iteration;
+``hf_loss="shipped"`` times transformers' loss as it is. Without two-stage the two are
+the same.
+
 The multi-scale deformable attention runs as transformers runs it by default (its
 PyTorch ``grid_sample`` version unless a hub kernel is installed and reachable).
 
@@ -139,6 +152,47 @@ def _whole(value):
     return int(value) if float(value).is_integer() else value
 
 
+HF_LOSSES = ("official", "shipped")
+
+
+def hf_encoder_loss(outputs, labels, config):
+    """The official two-stage ``_enc`` loss terms for transformers' encoder proposals.
+
+    As the official ``SetCriterion`` does for ``outputs["enc_outputs"]``: every target's
+    label is set to 0 (one class-agnostic "object" class), the proposals are matched to
+    the targets by transformers' own Hungarian matcher, and its own criterion gives the
+    focal, L1 and GIoU losses (and the cardinality error, logged, not weighed), weighed
+    as transformers weighs its other terms.
+
+    Args:
+        outputs: transformers' ``DeformableDetrObjectDetectionOutput`` of a two-stage
+            model, with ``enc_outputs_class`` (B, S, num_classes) and
+            ``enc_outputs_coord_logits`` (B, S, 4), S = the encoder's tokens.
+        labels: the list of target dicts given to the model (``class_labels``, ``boxes``).
+        config: the model's ``DeformableDetrConfig``.
+
+    Returns:
+        a scalar torch tensor, the weighted sum of the ``_enc`` terms.
+    """
+    import torch
+    from transformers.loss.loss_deformable_detr import (DeformableDetrHungarianMatcher,
+                                                         DeformableDetrImageLoss)
+
+    matcher = DeformableDetrHungarianMatcher(class_cost=config.class_cost,
+                                             bbox_cost=config.bbox_cost,
+                                             giou_cost=config.giou_cost)
+    criterion = DeformableDetrImageLoss(matcher=matcher, num_classes=config.num_labels,
+                                        focal_alpha=config.focal_alpha,
+                                        losses=["labels", "boxes", "cardinality"])
+    binary = [{**t, "class_labels": torch.zeros_like(t["class_labels"])} for t in labels]
+    proposals = {"logits": outputs.enc_outputs_class,                       # (B, S, C)
+                 "pred_boxes": outputs.enc_outputs_coord_logits.sigmoid()}   # (B, S, 4)
+    terms = criterion(proposals, binary)
+    weights = {"loss_ce": 1, "loss_bbox": config.bbox_loss_coefficient,
+               "loss_giou": config.giou_loss_coefficient}    # transformers' own weights
+    return sum(terms[k] * w for k, w in weights.items())
+
+
 def build_hf_model(cfg, device, seed=0):
     """transformers' detector for ``cfg`` on ``device``, training mode, official freezing."""
     import torch
@@ -204,13 +258,17 @@ def torch_cuda_time_ms(step):
 
 
 def bench_hf(config, variant, device, batch, height, width, *, iterations, warmup, seed=0,
-             threads=None):
+             threads=None, hf_loss="official"):
     """One row: transformers' training iteration for ``config``/``variant``.
 
     ``threads``: torch's CPU threads for this row (restored afterwards); None keeps
     torch's setting. On a CPU, ``bench_train`` runs this in a process of its own
-    (:func:`bench_hf_in_child`).
+    (:func:`bench_hf_in_child`). ``hf_loss``: "official" adds the two-stage encoder
+    proposals' loss that transformers leaves out (the module docstring says why),
+    "shipped" times transformers' loss as it is.
     """
+    if hf_loss not in HF_LOSSES:
+        raise ValueError(f"hf_loss must be one of {HF_LOSSES}, got {hf_loss!r}")
     import torch
     import transformers
 
@@ -221,13 +279,14 @@ def bench_hf(config, variant, device, batch, height, width, *, iterations, warmu
         torch.set_num_threads(threads)
     try:
         return _bench_hf_row(torch, transformers, get_config(config, variant), device, batch,
-                             height, width, iterations=iterations, warmup=warmup, seed=seed)
+                             height, width, iterations=iterations, warmup=warmup, seed=seed,
+                             hf_loss=hf_loss)
     finally:
         torch.set_num_threads(previous)
 
 
 def _bench_hf_row(torch, transformers, cfg, device, batch, height, width, *, iterations,
-                  warmup, seed):
+                  warmup, seed, hf_loss):
     """The timed row of :func:`bench_hf` for the ModelConfig ``cfg``."""
     memory = TorchCudaMemory() if device == "cuda" else CpuMemory()
     model = build_hf_model(cfg, device, seed)
@@ -236,20 +295,27 @@ def _bench_hf_row(torch, transformers, cfg, device, batch, height, width, *, ite
     data = synthetic_batch(batch, height, width, cfg.num_classes, np.random.default_rng(seed))
     pixel_values, pixel_mask, labels = hf_inputs(data, device)
 
+    encoder_loss = cfg.two_stage and hf_loss == "official"
+
     def step():
         out = model(pixel_values=pixel_values, pixel_mask=pixel_mask, labels=labels)
+        loss = out.loss
+        if encoder_loss:
+            loss = loss + hf_encoder_loss(out, labels, model.config)
         optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
+        loss.backward()
         torch.nn.utils.clip_grad_norm_(trained, 0.1)
         optimizer.step()
-        out.loss.item()                     # the logged loss, as minidetr's step reads it
+        loss.item()                         # the logged loss, as minidetr's step reads it
 
     timer = torch_cuda_time_ms if device == "cuda" else cpu_time_ms
     result = time_steps(step, iterations=iterations, warmup=warmup, timer=timer,
                         memory=memory)
     return {"framework": "transformers", **result, "memory_note": memory.note,
             "versions": f"transformers {transformers.__version__}, torch {torch.__version__}",
-            "torch_threads": torch.get_num_threads()}
+            "torch_threads": torch.get_num_threads(),
+            "hf_loss": hf_loss}
 
 
-__all__ = ["bench_hf", "bench_hf_in_child", "hf_status", "hf_config", "build_hf_model", "hf_inputs"]
+__all__ = ["bench_hf", "bench_hf_in_child", "hf_status", "hf_config", "build_hf_model", "hf_inputs",
+           "hf_encoder_loss", "HF_LOSSES"]

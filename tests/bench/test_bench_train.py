@@ -111,3 +111,41 @@ def test_the_gpu_peak_hook_follows_the_bytes_in_use():
 
     assert memory.peak_of_one(step) == 4096 + 1024 + 512
     assert not memory_hook.get_memory_hooks()        # unregistered afterwards
+
+
+def test_a_bad_hf_loss_is_refused_before_anything_runs(tmp_path):
+    with pytest.raises(ValueError, match="hf_loss must be one of"):
+        bench_train(config="tiny", variants="two-stage", device="cpu", iterations=1,
+                    warmup=0, hf_loss="mine", json_path=tmp_path / "t.json",
+                    print_fn=lambda *a: None)
+
+
+@pytest.mark.skipif(not HAVE_HF, reason="transformers comparison not tested: torch and "
+                                        "transformers are not installed (never a dependency)")
+def test_the_official_hf_loss_trains_the_proposal_heads_that_transformers_leaves_out():
+    """transformers' own two-stage loss gives its proposal heads no gradient; the
+    ``_enc`` terms added by hf_encoder_loss do, as minidetr's criterion does."""
+    import torch
+
+    from minidetr.bench.common import synthetic_batch
+    from minidetr.bench.train_hf import build_hf_model, hf_encoder_loss, hf_inputs
+    from minidetr.models.config import get_config
+
+    cfg = get_config("tiny", "two-stage")
+    model = build_hf_model(cfg, "cpu")
+    data = synthetic_batch(2, 64, 64, cfg.num_classes, np.random.default_rng(0))
+    pixel_values, pixel_mask, labels = hf_inputs(data, "cpu")
+    heads = [model.model.enc_output.weight, model.model.decoder.class_embed[-1].weight,
+             model.model.decoder.bbox_embed[-1].layers[0].weight]
+
+    def head_grads(official):
+        model.zero_grad(set_to_none=True)
+        out = model(pixel_values=pixel_values, pixel_mask=pixel_mask, labels=labels)
+        loss = out.loss + (hf_encoder_loss(out, labels, model.config) if official else 0)
+        loss.backward()
+        return [p.grad for p in heads]
+
+    assert all(g is None for g in head_grads(official=False)), \
+        "transformers' own loss now reaches the proposal heads: revisit hf_loss"
+    grads = head_grads(official=True)
+    assert all(g is not None and torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)
