@@ -12,7 +12,9 @@ pairing prediction ``q`` with target ``t`` is (official weights in brackets)
 and the assignment minimising sum_t C[sigma(t), t] is found per image by the Hungarian
 algorithm (:func:`scipy.optimize.linear_sum_assignment`) on the host. The cost matrix of
 the whole batch is computed at once on the device of the predictions; it is the only array
-the matcher copies from the device to the host. See docs/matching-and-losses.md.
+the matcher copies from the device to the host. NumPy predictions take a one-pass Numba
+kernel (:mod:`.matcher_cpu`), the others the Tensor-op reference
+(``HungarianMatcher.reference_cost``), same numbers. See docs/matching-and-losses.md.
 
 Shapes:
     outputs["pred_logits"]: (B, Q, num_classes); outputs["pred_boxes"]: (B, Q, 4) cxcywh.
@@ -29,7 +31,10 @@ from ..autograd import Tensor, no_grad
 from ..backend import allow_transfers, get_array_module, to_numpy
 from .box_ops import box_cxcywh_to_xyxy, generalized_box_iou
 
-__all__ = ["HungarianMatcher", "match_single"]
+__all__ = ["HungarianMatcher", "match_single", "COST_ALGORITHMS"]
+
+#: The ways to build the cost matrix (``HungarianMatcher.cost_matrix(algorithm=...)``).
+COST_ALGORITHMS = ("auto", "reference", "numba")
 
 
 def match_single(cost):
@@ -67,7 +72,8 @@ class HungarianMatcher:
 
     Call ``matcher(outputs, targets)``; see the module docstring for the shapes.
     ``matcher.cost_matrix(outputs, targets)`` returns the host cost matrix on its own
-    (B, Q, sum_i T_i), the images' targets side by side along the last axis.
+    (B, Q, sum_i T_i), the images' targets side by side along the last axis (its
+    ``algorithm`` argument picks the Numba kernel or the Tensor-op reference).
     """
 
     def __init__(self, cost_class: float = 2.0, cost_bbox: float = 5.0, cost_giou: float = 2.0,
@@ -86,30 +92,39 @@ class HungarianMatcher:
                 f"focal_gamma={self.focal_gamma})")
 
     # ------------------------------------------------------------------ the cost
-    def class_cost(self, prob, tgt_labels):
+    def class_cost(self, prob):
         """Focal-style cost of predicting each target's class, one column per target.
 
-        cost = alpha (1 - p)^gamma (-log p) - (1 - alpha) p^gamma (-log(1 - p)), taken at the
-        target's class: the focal loss of that logit if it were positive, minus its focal
-        loss if it were negative (1e-8 keeps the logs finite, as in the official code).
+        cost = alpha (1 - p)^gamma (-log p) - (1 - alpha) p^gamma (-log(1 - p)), with p the
+        probability of the target's class: the focal loss of that logit if it were positive,
+        minus its focal loss if it were negative (1e-8 keeps the logs finite, as in the
+        official code).
 
         Shapes:
-            prob: (P, num_classes) Tensor of sigmoid probabilities; tgt_labels: (T,) int.
-            -> (P, T).
+            prob: (P, T) Tensor, sigmoid probabilities at the targets' classes
+            (``sigmoid(logits[:, tgt_labels])``) -> (P, T).
         """
         alpha, gamma = self.focal_alpha, self.focal_gamma
-        p = prob[:, tgt_labels]                                       # (P, T)
-        pos = alpha * (1.0 - p) ** gamma * -F.log(p + 1e-8)
-        neg = (1.0 - alpha) * p ** gamma * -F.log(1.0 - p + 1e-8)
+        pos = alpha * (1.0 - prob) ** gamma * -F.log(prob + 1e-8)
+        neg = (1.0 - alpha) * prob ** gamma * -F.log(1.0 - prob + 1e-8)
         return pos - neg
 
-    def cost_matrix(self, outputs, targets):
+    def cost_matrix(self, outputs, targets, algorithm="auto"):
         """The (B, Q, sum_i T_i) cost matrix of the batch, copied to the host.
 
         Row block ``b`` compares image b's Q predictions with the targets of *all* images
         (as the official code does, it is one batched computation); only the columns of
         image b's own targets are used for its matching.
+
+        ``algorithm``: ``"reference"`` (:meth:`reference_cost`, Tensor ops on the
+        predictions' device), ``"numba"`` (the one-pass kernel of :mod:`.matcher_cpu`,
+        NumPy float32/float64 only) or ``"auto"``: the kernel for NumPy float32/float64
+        predictions, the reference for anything else (CuPy). Both give the same numbers
+        (to rounding).
         """
+        if algorithm not in COST_ALGORITHMS:
+            raise ValueError(f"HungarianMatcher.cost_matrix: algorithm must be one of "
+                             f"{COST_ALGORITHMS}, got {algorithm!r}")
         logits, boxes = _unwrap(outputs, "pred_logits"), _unwrap(outputs, "pred_boxes")
         if logits.ndim != 3 or boxes.ndim != 3 or boxes.shape[-1] != 4 \
                 or logits.shape[:2] != boxes.shape[:2]:
@@ -119,29 +134,56 @@ class HungarianMatcher:
         B, Q, num_classes = logits.shape
         if len(targets) != B:
             raise ValueError(f"HungarianMatcher: {len(targets)} targets for a batch of {B} images")
+        kernel_fits = _kernel_fits(logits, boxes)
+        if algorithm == "numba" and not kernel_fits:
+            raise ValueError(f"HungarianMatcher.cost_matrix: algorithm='numba' needs NumPy "
+                             f"pred_logits and pred_boxes of one dtype, float32 or float64; got "
+                             f"{type(logits).__name__} {logits.dtype} and "
+                             f"{type(boxes).__name__} {boxes.dtype}")
         xp = get_array_module(logits)
-        tgt_labels, tgt_boxes = _concat_targets(targets, xp, boxes.dtype)   # (T,), (T, 4)
+        tgt_labels, tgt_boxes = _concat_targets(targets, xp, boxes.dtype,
+                                                num_classes)          # (T,), (T, 4)
         T = int(tgt_labels.shape[0])
         if T == 0:
             return np.zeros((B, Q, 0), dtype=boxes.dtype)
+        logits = logits.reshape(B * Q, num_classes)                   # (B*Q, num_classes)
+        boxes = boxes.reshape(B * Q, 4)                               # (B*Q, 4)
+        if algorithm == "reference" or not kernel_fits:
+            cost = self.reference_cost(logits, boxes, tgt_labels, tgt_boxes)
+        else:
+            from . import matcher_cpu                                 # Numba, on first use
+            cost = matcher_cpu.cost_matrix(logits, tgt_labels, boxes, tgt_boxes,
+                                           self.cost_class, self.cost_bbox, self.cost_giou,
+                                           self.focal_alpha, self.focal_gamma)
+        return cost.reshape(B, Q, T)                                  # (B, Q, T)
 
+    def reference_cost(self, logits, boxes, tgt_labels, tgt_boxes):
+        """The (P, T) cost from Tensor ops, on the arrays' device, copied to the host.
+
+        The reference that :mod:`.matcher_cpu`'s kernel is tested against, and the path
+        for CuPy arrays. Only the logits of the targets' classes go through the sigmoid.
+
+        Shapes:
+            logits: (P, num_classes), boxes: (P, 4) cxcywh, tgt_labels: (T,) int,
+            tgt_boxes: (T, 4) cxcywh; arrays of one module (NumPy or CuPy) -> host (P, T).
+        """
         with no_grad():
-            prob = F.sigmoid(Tensor(logits.reshape(B * Q, num_classes)))   # (B*Q, num_classes)
-            out_boxes = Tensor(boxes.reshape(B * Q, 4))                      # (B*Q, 4)
+            prob = F.sigmoid(Tensor(logits[:, tgt_labels]))                  # (P, T)
+            out_boxes = Tensor(boxes)                                        # (P, 4)
             tgt_boxes = Tensor(tgt_boxes)                                    # (T, 4)
             cost = 0.0
             if self.cost_class:
-                cost = cost + self.cost_class * self.class_cost(prob, tgt_labels)   # (B*Q, T)
+                cost = cost + self.cost_class * self.class_cost(prob)          # (P, T)
             if self.cost_bbox:
                 # L1 distance of every prediction to every target (torch.cdist with p=1)
                 l1 = F.abs(out_boxes[:, None, :] - tgt_boxes[None, :, :]).sum(axis=-1)
-                cost = cost + self.cost_bbox * l1                               # (B*Q, T)
+                cost = cost + self.cost_bbox * l1                              # (P, T)
             if self.cost_giou:
                 giou = generalized_box_iou(box_cxcywh_to_xyxy(out_boxes),
                                            box_cxcywh_to_xyxy(tgt_boxes))
-                cost = cost - self.cost_giou * giou                             # (B*Q, T)
+                cost = cost - self.cost_giou * giou                            # (P, T)
         with allow_transfers("the matcher's cost matrices"):
-            return to_numpy(cost.data).reshape(B, Q, T)     # the device -> host copy
+            return to_numpy(cost.data)                     # the device -> host copy
 
     # ------------------------------------------------------------------ the assignment
     def __call__(self, outputs, targets):
@@ -162,8 +204,19 @@ def _unwrap(outputs, key):
     return x.data if isinstance(x, Tensor) else x
 
 
-def _concat_targets(targets, xp, dtype):
-    """All images' labels (T,) and boxes (T, 4) concatenated, on the predictions' device."""
+def _kernel_fits(logits, boxes):
+    """True when :mod:`.matcher_cpu`'s kernel takes these predictions: NumPy arrays of one
+    dtype, float32 or float64."""
+    return (isinstance(logits, np.ndarray) and isinstance(boxes, np.ndarray)
+            and logits.dtype == boxes.dtype and logits.dtype in (np.float32, np.float64))
+
+
+def _concat_targets(targets, xp, dtype, num_classes):
+    """All images' labels (T,) and boxes (T, 4) concatenated, on the predictions' device.
+
+    Host (NumPy) labels are checked to lie in [0, num_classes); device labels are not (that
+    would cost a device-to-host copy).
+    """
     labels, boxes = [], []
     for i, t in enumerate(targets):
         lab, box = t["labels"], t["boxes"]
@@ -172,6 +225,11 @@ def _concat_targets(targets, xp, dtype):
                              f"{tuple(lab.shape)} and {tuple(box.shape)}")
         if lab.dtype.kind not in "iu":
             raise TypeError(f"targets[{i}]['labels'] must be integers, got {lab.dtype}")
+        if isinstance(lab, np.ndarray) and lab.size and (lab.min() < 0
+                                                         or lab.max() >= num_classes):
+            raise ValueError(f"targets[{i}]['labels'] must lie in [0, {num_classes}) "
+                             f"(num_classes of pred_logits), got values from {lab.min()} "
+                             f"to {lab.max()}")
         labels.append(xp.asarray(lab))
         boxes.append(xp.asarray(box).astype(dtype, copy=False))
     if not labels:

@@ -1,4 +1,7 @@
-"""Hungarian matcher: cost matrix formula, optimality (brute force), batching, empty targets."""
+"""Hungarian matcher: cost matrix formula, optimality (brute force), batching, empty targets.
+
+The Numba cost-matrix kernel against the reference: test_matcher_cpu.py.
+"""
 from __future__ import annotations
 
 import itertools
@@ -37,10 +40,12 @@ def brute_force(cost):
             np.array([t for _, t in pairs], dtype=np.int64))
 
 
-def test_cost_matrix_equals_direct_formula(xp, rng):
+@pytest.mark.parametrize("algorithm", ["auto", "reference"])
+def test_cost_matrix_equals_direct_formula(xp, rng, algorithm):
+    """Both the reference and the default path (NumPy: the Numba kernel, test_matcher_cpu)."""
     outputs, targets = make_batch(rng, xp, Q=3, num_classes=4, n_targets=[2, 1])
     m = HungarianMatcher(cost_class=2, cost_bbox=5, cost_giou=2, focal_alpha=0.25, focal_gamma=2)
-    cost = m.cost_matrix(outputs, targets)
+    cost = m.cost_matrix(outputs, targets, algorithm=algorithm)
     assert isinstance(cost, np.ndarray) and cost.shape == (2, 3, 3)
 
     logits = to_numpy(outputs["pred_logits"]).reshape(6, 4)
