@@ -17,9 +17,9 @@ instead of its full-tile one, which can change the last bit or two of a float32 
 bound the difference); a given thread count always gives the same numbers.
 
 Products under ``MIN_FLOPS`` (5e7 floating-point operations, about half a millisecond on
-one core) run in the calling thread. Handing a block to another thread costs 20-50
-microseconds on an idle machine, but during training the data loader's threads want the
-cores too. Three epochs of the demo (the `tiny` model, products of 10-40 MFLOP) took
+one core) run in the calling thread. Handing a block to another thread and waiting for
+it costs 15-30 microseconds on an idle machine (two locks, see ``_Pool``), but during
+training the data loader's threads want the cores too. Three epochs of the demo (the `tiny` model, products of 10-40 MFLOP) took
 49 s with a threshold of 4e6, 44 s with 3e7, 43 s with 1e8 and 41 s with everything on
 one thread. 5e7 keeps the `tiny` model's products at 128 x 128 on one thread (up to 40
 MFLOP; the same 70 ms step as 1e8; the demo's augmented batches of up to 128 x 213 reach
@@ -39,7 +39,6 @@ from __future__ import annotations
 import functools
 import os
 import threading
-from concurrent.futures import ThreadPoolExecutor, wait
 
 import numpy as np
 
@@ -71,39 +70,72 @@ def _cores() -> int:
         return os.cpu_count() or 1
 
 
-class _Pool:
-    """A lazily started thread pool of ``cpu_threads() - 1`` workers (the caller is one).
+class _Worker:
+    """One thread of the pool: sleeps on its ``go`` lock until handed a task, runs it, and
+    releases ``done``. Two plain locks are the cheapest hand-off Python has (see _Pool)."""
 
-    Rebuilt when the thread count changes, and forgotten in a forked child (its threads
-    do not exist there). A block that itself asks for blocks runs them serially: a worker
-    waiting for the pool it belongs to could wait forever.
+    def __init__(self, index, inside):
+        self.go, self.done = threading.Lock(), threading.Lock()
+        self.go.acquire()                               # held: the worker waits on it
+        self.done.acquire()                             # held: the caller waits on it
+        self.task = None
+        self.inside = inside
+        self.thread = threading.Thread(target=self._loop, name=f"minidetr-{index}",
+                                       daemon=True)
+        self.thread.start()
+
+    def _loop(self):
+        self.inside.worker = True
+        while True:
+            self.go.acquire()                           # sleep until handed a task
+            task = self.task
+            if task is None:                            # told to stop
+                return
+            task()                                      # never raises (run_blocks catches)
+            self.done.release()
+
+    def stop(self):
+        self.task = None
+        self.go.release()
+
+
+class _Pool:
+    """``cpu_threads() - 1`` worker threads (the caller is one more), started on first use.
+
+    A call hands each worker its task through a lock the worker sleeps on, and waits for
+    it on a second lock: one wake-up each way, 15 us for an empty call here, against 77 us
+    through ``concurrent.futures.ThreadPoolExecutor`` (a Future, a queue and a waiter per
+    block; a `small` training step hands work over about 200 times). One call uses the
+    pool at a time: a second thread that asks meanwhile (a data loader's, say) runs its
+    blocks itself. Rebuilt when the thread count changes, and forgotten in a forked child
+    (its threads do not exist there). A block that itself asks for blocks runs them
+    serially: a worker waiting for the pool it belongs to could wait forever.
     """
 
     def __init__(self):
-        self.executor = None
-        self.workers = 0
-        self.lock = threading.Lock()
+        self.workers = []
+        self.busy = threading.Lock()
         self.inside = threading.local()
 
-    def executor_for(self, threads):
-        with self.lock:
-            if self.executor is None or self.workers != threads - 1:
-                if self.executor is not None:
-                    self.executor.shutdown(wait=False)
-                self.executor = ThreadPoolExecutor(threads - 1, thread_name_prefix="minidetr",
-                                                   initializer=self._mark_worker)
-                self.workers = threads - 1
-            return self.executor
-
-    def _mark_worker(self):
-        self.inside.worker = True
+    def workers_for(self, threads):
+        """The workers for ``threads`` threads in all (call with ``busy`` held)."""
+        if len(self.workers) != threads - 1:
+            self.retire()
+            self.workers = [_Worker(i, self.inside) for i in range(threads - 1)]
+        return self.workers
 
     def in_worker(self):
         return getattr(self.inside, "worker", False)
 
+    def retire(self):
+        """Let the workers end after their current task; the next call starts new ones."""
+        for worker in self.workers:
+            worker.stop()
+        self.workers = []
+
     def forget(self):
-        self.executor, self.workers = None, 0
-        self.lock = threading.Lock()
+        self.workers = []
+        self.busy = threading.Lock()
 
 
 _POOL = _Pool()
@@ -114,19 +146,41 @@ if hasattr(os, "register_at_fork"):
 def run_blocks(function, n_blocks, threads=None):
     """Call ``function(i)`` for i in 0 .. n_blocks-1, spread over the CPU threads.
 
-    Block 0 runs in the calling thread, the others on the pool; returns the results in
-    order. An exception in any block is raised here, after all blocks have finished.
+    Thread t runs blocks t, t + threads, t + 2 threads, ...; thread 0 is the calling
+    thread, the others the pool's. Returns the results in order. An exception in any
+    block is raised here (the first block's, by number), after all blocks have finished.
     """
     threads = cpu_threads() if threads is None else threads
-    if n_blocks <= 1 or threads <= 1 or _POOL.in_worker():
+    if (n_blocks <= 1 or threads <= 1 or _POOL.in_worker()
+            or not _POOL.busy.acquire(blocking=False)):         # pool in use: run them here
         return [function(i) for i in range(n_blocks)]
-    executor = _POOL.executor_for(threads)
-    futures = [executor.submit(function, i) for i in range(1, n_blocks)]
+    results, errors = [None] * n_blocks, [None] * n_blocks
+
+    def share(first):                                 # this thread's blocks
+        for i in range(first, n_blocks, threads):
+            try:
+                results[i] = function(i)
+            except BaseException as error:            # noqa: B036 - raised again below
+                errors[i] = error
+
     try:
-        first = function(0)
+        workers = _POOL.workers_for(threads)[:min(threads, n_blocks) - 1]
+        for t, worker in enumerate(workers, start=1):
+            worker.task = functools.partial(share, t)
+            worker.go.release()
+        share(0)
+        try:
+            for worker in workers:                    # never leave a block running
+                worker.done.acquire()
+        except BaseException:                         # interrupted (Ctrl-C) while waiting:
+            _POOL.retire()                            # these workers must not be reused
+            raise
     finally:
-        wait(futures)                                  # never leave a block running
-    return [first] + [f.result() for f in futures]     # raises a block's exception
+        _POOL.busy.release()
+    for error in errors:
+        if error is not None:
+            raise error
+    return results
 
 
 MIN_BLOCK_BYTES = 1 << 18    # run_ranges: arrays under 256 KiB are worked on in one block

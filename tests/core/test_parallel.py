@@ -1,5 +1,6 @@
 """The CPU thread blocks of minidetr.functional._parallel give the serial results (to the last bits)."""
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -126,3 +127,42 @@ def test_the_thread_count_comes_from_the_environment(monkeypatch):
         cpu_threads()
     monkeypatch.delenv("MINIDETR_NUM_THREADS")
     assert cpu_threads() >= 1
+
+
+def test_thread_t_runs_blocks_t_plus_multiples_of_the_thread_count():
+    caller = threading.current_thread().name
+    where = run_blocks(lambda i: threading.current_thread().name, 5, threads=2)
+    assert [name == caller for name in where] == [True, False, True, False, True], where
+    assert where[1] == where[3] and where[1].startswith("minidetr-"), where
+
+
+def test_the_pool_is_reused_and_rebuilt_when_the_thread_count_changes():
+    def names(threads):
+        return set(run_blocks(lambda i: threading.current_thread().name, threads,
+                              threads=threads)) - {threading.current_thread().name}
+
+    three = names(3)
+    assert len(three) == 2 and names(3) == three, "the same two workers serve every call"
+    assert len(names(2)) == 1
+    _parallel._POOL.retire()                   # what an interrupted wait does
+    assert len(names(2)) == 1 and run_blocks(lambda i: -i, 3, threads=2) == [0, -1, -2]
+
+
+def test_callers_on_two_threads_share_the_pool_safely():
+    """One call uses the pool at a time; a caller that finds it busy runs its blocks
+    itself. Either way every call gets its own results, and nothing deadlocks."""
+    failures = []
+
+    def caller(offset):
+        for _ in range(200):
+            got = run_blocks(lambda i: (time.sleep(0.0001), offset + i)[1], 3, threads=2)
+            if got != [offset, offset + 1, offset + 2]:
+                failures.append((offset, got))
+
+    threads = [threading.Thread(target=caller, args=(k * 100,)) for k in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not any(t.is_alive() for t in threads), "a caller hung"
+    assert not failures, failures[:3]
