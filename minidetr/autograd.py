@@ -303,7 +303,10 @@ def _comparand(o, data):
 
 
 def _check_grad(grad, tensor, where):
-    """The engine's guard: a gradient must have its tensor's shape and dtype."""
+    """The engine's guard: a gradient must have its tensor's shape, dtype and device."""
+    data = tensor.data
+    if type(grad) is type(data) and grad.shape == data.shape and grad.dtype == data.dtype:
+        return                                   # the common case, in three comparisons
     if tuple(grad.shape) != tuple(tensor.shape) or grad.dtype != tensor.dtype:
         raise RuntimeError(f"{where} produced a gradient of shape {tuple(grad.shape)} and "
                            f"dtype {grad.dtype} for a tensor of shape {tuple(tensor.shape)} "
