@@ -291,3 +291,24 @@ def test_leaf_gradients_never_share_memory_with_each_other_or_the_caller():
     (F.expand(c.reshape(1, 3), (4, 3)) * 1.0).sum().backward()   # a broadcast view upstream
     c.grad *= 2
     np.testing.assert_array_equal(c.grad, np.full(3, 8.0, np.float32))
+
+
+def test_the_engine_refuses_a_gradient_on_another_device():
+    """A backward that hands back a host array for a device tensor is named (the check's
+    fast path compares array types first, and the slow path must still catch this)."""
+    from minidetr.testing import fakecupy
+
+    class ToHost(Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x * 2
+
+        @staticmethod
+        def backward(ctx, grad):
+            return fakecupy.unwrap(grad) * 2            # a NumPy array: the wrong device
+
+    with fakecupy.installed() as cp:
+        x = Tensor(cp.ones((2, 3), dtype=cp.float32), requires_grad=True)
+        y = ToHost.apply(x).sum()
+        with pytest.raises(RuntimeError, match="ToHost produced a gradient on another device"):
+            y.backward()
