@@ -516,7 +516,8 @@ def _cmd_bench(args):
                            batch=2 if args.batch is None else args.batch, size=args.size,
                            iterations=args.iterations, warmup=args.warmup,
                            compare_hf=not args.no_hf, json_path=args.json,
-                           torch_threads=args.torch_threads, hf_loss=args.hf_loss)
+                           torch_threads=args.torch_threads, hf_loss=args.hf_loss,
+                           rounds=args.rounds)
     raise SystemExit(f"unknown benchmark {args.what!r}")
 
 
@@ -825,6 +826,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--torch-threads", type=int, default=None,
                    help="train: torch's CPU threads for transformers' rows (default: "
                         "torch's own, in a process of its own)")
+    b.add_argument("--rounds", type=int, default=1,
+                   help="train: run every row this many times, minidetr's and "
+                        "transformers' in turn, and report the medians over the rounds")
     b.add_argument("--hf-loss", choices=("official", "shipped"), default="official",
                    help="train: transformers' two-stage loss; official (default) adds the "
                         "encoder proposals' _enc terms that transformers leaves out and "

@@ -33,6 +33,7 @@ Shapes: images (B, 3, H, W) with ``--batch`` B and ``--size`` H x W (default 128
 from __future__ import annotations
 
 import os
+import statistics
 from pathlib import Path
 
 import numpy as np
@@ -97,14 +98,44 @@ def _print_table(rows, print_fn):
     ours = {r["variant"]: r for r in rows if r["framework"] == "minidetr"}
     for r in rows:
         if r["framework"] != "minidetr" and r["variant"] in ours:
-            ratio = ours[r["variant"]]["ms_median"] / r["ms_median"]
-            print_fn(f"{r['variant']}: minidetr takes {ratio:.2f}x the time of "
-                     f"{r['framework']} per iteration")
+            mine = ours[r["variant"]]
+            ratio = mine["ms_median"] / r["ms_median"]
+            line = (f"{r['variant']}: minidetr takes {ratio:.2f}x the time of "
+                    f"{r['framework']} per iteration")
+            if len(r.get("rounds_ms", ())) > 1:
+                each = ", ".join(f"{a / b:.2f}" for a, b in zip(mine["rounds_ms"],
+                                                               r["rounds_ms"]))
+                line += (f" (the medians of {len(r['rounds_ms'])} rounds; round by round: "
+                         f"{each})")
+            print_fn(line)
+
+
+def _combine_rounds(rounds):
+    """One row per framework and variant from the rows of every round.
+
+    ``ms_median`` becomes the median of the rounds' medians (``rounds_ms``, in order),
+    ``ms_min`` the least of all, ``times_ms`` every timed iteration; the memory figures
+    are the highest of the rounds. With one round the rows are returned as they are.
+    """
+    if len(rounds) == 1:
+        return rounds[0]
+    combined = []
+    for same in zip(*rounds):                              # the same row of every round
+        medians = [r["ms_median"] for r in same]
+        row = dict(same[0], ms_median=statistics.median(medians), rounds_ms=medians,
+                   ms_min=min(r["ms_min"] for r in same),
+                   times_ms=[t for r in same for t in r["times_ms"]])
+        row["ms_mean"] = statistics.fmean(row["times_ms"])
+        for key in ("peak_bytes", "reserved_bytes", "growth_bytes"):
+            if any(r.get(key) is not None for r in same):
+                row[key] = max(r[key] for r in same if r.get(key) is not None)
+        combined.append(row)
+    return combined
 
 
 def bench_train(config="tiny", variants="all", device="auto", batch=2, size=None,
                 iterations=5, warmup=2, compare_hf=True, json_path=None, seed=0,
-                torch_threads=None, hf_loss="official", print_fn=print):
+                torch_threads=None, hf_loss="official", rounds=1, print_fn=print):
     """Time training iterations of minidetr (and of transformers' model); print, write JSON.
 
     Args:
@@ -124,6 +155,10 @@ def bench_train(config="tiny", variants="all", device="auto", batch=2, size=None
             ``_enc`` terms that transformers leaves out (minidetr computes them, as the
             official code does), "shipped" times transformers' own loss as it is
             (:mod:`minidetr.bench.train_hf` explains).
+        rounds: how many times to run every row, minidetr's and transformers' in turn;
+            each row then reports the median over the rounds of its medians (with one
+            round's time moving by 10-15 % on a shared machine, several rounds taken
+            in turn compare the two frameworks under the same conditions).
 
     Returns:
         the list of result rows (dicts), as written to the JSON file.
@@ -135,7 +170,7 @@ def bench_train(config="tiny", variants="all", device="auto", batch=2, size=None
     names = variant_names(variants)
     height, width = parse_size(size, config)
     for name, value, least in (("batch", batch, 1), ("iterations", iterations, 1),
-                               ("warmup", warmup, 0)):
+                               ("warmup", warmup, 0), ("rounds", rounds, 1)):
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
             raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
     device = resolve_device(device)
@@ -145,7 +180,8 @@ def bench_train(config="tiny", variants="all", device="auto", batch=2, size=None
         from .train_hf import hf_status as check_hf
         hf_status = check_hf(device)
     print_fn(f"training benchmark: config {config}, batch {batch} of {height}x{width} "
-             f"(HxW), {device}, median of {iterations} iterations after {warmup} warm-up")
+             f"(HxW), {device}, median of {iterations} iterations after {warmup} warm-up"
+             + (f", {rounds} rounds" if rounds > 1 else ""))
     threads = cpu_threads()
     if torch_threads is not None and (isinstance(torch_threads, bool)
                                       or not isinstance(torch_threads, int)
@@ -159,27 +195,19 @@ def bench_train(config="tiny", variants="all", device="auto", batch=2, size=None
 
     common = dict(config=config, device=device, batch=batch, height=height, width=width,
                   iterations=iterations, warmup=warmup)
-    rows = []
-    for variant in names:
-        row = bench_minidetr(config, variant, device, batch, height, width,
-                             iterations=iterations, warmup=warmup, seed=seed)
-        rows.append({**common, "variant": variant, **row})
-    if hf_status[0]:
-        from .train_hf import bench_hf
-        if device == "cuda":
-            import cupy as cp
-            cp.get_default_memory_pool().free_all_blocks()     # leave the GPU to torch
-        requests = [dict(config=config, variant=variant, device=device, batch=batch,
-                         height=height, width=width, iterations=iterations, warmup=warmup,
-                         seed=seed, threads=torch_threads, hf_loss=hf_loss)
-                    for variant in names]
-        if device == "cpu":
-            from .train_hf import bench_hf_in_child
-            hf_rows = bench_hf_in_child(requests)       # a process of their own: see there
-        else:
-            hf_rows = [bench_hf(**request) for request in requests]
-        rows += [{**common, "variant": request["variant"], **row}
-                 for request, row in zip(requests, hf_rows)]
+    each_round = []
+    for number in range(1, rounds + 1):
+        if rounds > 1:
+            print_fn(f"round {number} of {rounds}")
+        rows = []
+        for variant in names:
+            row = bench_minidetr(config, variant, device, batch, height, width,
+                                 iterations=iterations, warmup=warmup, seed=seed)
+            rows.append({**common, "variant": variant, **row})
+        if hf_status[0]:
+            rows += _hf_rows(common, names, device, torch_threads, hf_loss, seed)
+        each_round.append(rows)
+    rows = _combine_rounds(each_round)
     for row in rows:
         row["images_per_s"] = batch / (row["ms_median"] / 1e3)
 
@@ -200,10 +228,29 @@ def bench_train(config="tiny", variants="all", device="auto", batch=2, size=None
     path = Path(json_path) if json_path else DEFAULT_JSON
     write_json(path, dict(benchmark="train", **common, machine=machine_info(device),
                           minidetr_threads=threads, torch_threads=torch_threads,
-                          hf_loss=hf_loss,
+                          hf_loss=hf_loss, rounds=rounds,
                           transformers=hf_status[1], results=rows))
     print_fn(f"results written to {path}")
     return rows
+
+
+def _hf_rows(common, names, device, torch_threads, hf_loss, seed):
+    """transformers' rows of one round (on a CPU in a process of their own)."""
+    from .train_hf import bench_hf
+    if device == "cuda":
+        import cupy as cp
+        cp.get_default_memory_pool().free_all_blocks()         # leave the GPU to torch
+    requests = [dict(config=common["config"], variant=variant, device=device,
+                     batch=common["batch"], height=common["height"], width=common["width"],
+                     iterations=common["iterations"], warmup=common["warmup"], seed=seed,
+                     threads=torch_threads, hf_loss=hf_loss) for variant in names]
+    if device == "cpu":
+        from .train_hf import bench_hf_in_child
+        hf_rows = bench_hf_in_child(requests)           # a process of their own: see there
+    else:
+        hf_rows = [bench_hf(**request) for request in requests]
+    return [{**common, "variant": request["variant"], **row}
+            for request, row in zip(requests, hf_rows)]
 
 
 __all__ = ["bench_train", "bench_minidetr"]

@@ -36,6 +36,24 @@ def test_bench_train_tiny_on_the_cpu(tmp_path, capsys):
     assert saved["machine"]["cpu_count"] >= 1
 
 
+def test_rounds_report_the_median_of_the_rounds_medians(tmp_path, capsys):
+    out = tmp_path / "train.json"
+    assert main(["bench", "train", "--config", "tiny", "--device", "cpu", "--iterations", "2",
+                 "--warmup", "0", "--variant", "plain", "--no-hf", "--rounds", "3",
+                 "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "3 rounds" in text and "round 3 of 3" in text
+    saved = json.loads(out.read_text())
+    assert saved["rounds"] == 3
+    (row,) = saved["results"]
+    assert len(row["rounds_ms"]) == 3 and len(row["times_ms"]) == 6
+    assert row["ms_median"] == sorted(row["rounds_ms"])[1]
+    assert row["ms_min"] == min(row["times_ms"])
+    with pytest.raises(ValueError, match="rounds must be an int >= 1"):
+        bench_train(config="tiny", variants="plain", device="cpu", rounds=0,
+                    json_path=tmp_path / "t.json", print_fn=lambda *a: None)
+
+
 def test_sizes_and_options_are_checked():
     assert parse_size(None, "tiny") == (128, 128)
     assert parse_size(None, "paper") == (800, 1066)
