@@ -37,11 +37,12 @@ import numpy as np
 
 from ..autograd import Function
 from ..backend import get_array_module
-from . import winograd
+from . import winograd, winograd4
 from ._parallel import batched_matmul, matmul_sum, run_ranges
 from ._util import cpu_kernels_apply, same_float_dtype
 
-ALGORITHMS = ("auto", "im2col", "winograd")
+ALGORITHMS = ("auto", "im2col", "winograd", "winograd4")
+WINOGRAD_TILE = {"winograd": 2, "winograd4": 4}   # outputs per tile side, F(m x m, 3x3)
 
 
 # --------------------------------------------------------------------------- geometry
@@ -200,9 +201,11 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, algorithm="aut
         bias: Tensor or array (C_out,), or None.
         stride, padding, dilation: int or pair of ints (height, width).
         algorithm: ``"im2col"`` (:class:`Conv2d`, any geometry), ``"winograd"``
-            (:class:`.winograd.WinogradConv3x3`: 3x3 kernels, stride 1, padding 1,
-            dilation 1 only) or ``"auto"``: Winograd where it applies to NumPy arrays
-            (:func:`.winograd.applies`), im2col everywhere else.
+            (:class:`.winograd.WinogradConv3x3` with F(2x2, 3x3)), ``"winograd4"`` (the
+            same with F(4x4, 3x3), :mod:`.winograd4`) -- both for 3x3 kernels, stride 1,
+            padding 1, dilation 1 only -- or ``"auto"``: F(4x4) where
+            :func:`.winograd4.applies`, else F(2x2) where :func:`.winograd.applies` (NumPy
+            arrays, enough tiles), im2col everywhere else.
 
     Returns:
         Tensor (N, C_out, H_out, W_out).
@@ -235,14 +238,17 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, algorithm="aut
     same_float_dtype("conv2d", x, weight, bias)
     if algorithm not in ALGORITHMS:
         raise ValueError(f"conv2d: algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
-    if algorithm == "winograd" and not ((kh, kw) == (3, 3) and stride == (1, 1)
-                                        and padding == (1, 1) and dilation == (1, 1)):
-        raise ValueError(f"conv2d: algorithm='winograd' needs a 3x3 kernel, stride 1, padding 1 "
-                         f"and dilation 1; got kernel {(kh, kw)}, stride={stride}, "
+    if algorithm in WINOGRAD_TILE and not ((kh, kw) == (3, 3) and stride == (1, 1)
+                                           and padding == (1, 1) and dilation == (1, 1)):
+        raise ValueError(f"conv2d: algorithm={algorithm!r} needs a 3x3 kernel, stride 1, "
+                         f"padding 1 and dilation 1; got kernel {(kh, kw)}, stride={stride}, "
                          f"padding={padding}, dilation={dilation}")
-    if algorithm == "winograd" or (algorithm == "auto" and winograd.applies(
-            x, weight, stride, padding, dilation)):
-        return winograd.WinogradConv3x3.apply(x, weight, bias)
+    if algorithm == "auto":
+        geometry = (stride, padding, dilation)
+        algorithm = ("winograd4" if winograd4.applies(x, weight, *geometry) else
+                     "winograd" if winograd.applies(x, weight, *geometry) else "im2col")
+    if algorithm in WINOGRAD_TILE:
+        return winograd.WinogradConv3x3.apply(x, weight, bias, WINOGRAD_TILE[algorithm])
     return Conv2d.apply(x, weight, bias, stride, padding, dilation)
 
 

@@ -74,9 +74,10 @@ A_T = np.array([[1, 1, 1, 0],
 KRON_G = np.kron(G, G)                                    # (16, 9), see filter_transform
 
 
-def tile_counts(H, W):
-    """(th, tw): the 2x2 output tiles that cover an H x W output (ceil(H/2), ceil(W/2))."""
-    return (H + 1) // 2, (W + 1) // 2
+def tile_counts(H, W, m=2):
+    """(th, tw): the m x m output tiles that cover an H x W output (ceil(H/m), ceil(W/m));
+    m = 2 for F(2x2, 3x3), 4 for F(4x4, 3x3)."""
+    return -(-H // m), -(-W // m)
 
 
 # With few tiles the 16 products are skinny (T columns) and the transformed filters U
@@ -104,101 +105,147 @@ def applies(x, weight, stride, padding, dilation) -> bool:
 
 
 # --------------------------------------------------------------------------- NumPy reference
+# The reference transforms are written once for any tile size: m x m outputs from an
+# alpha x alpha input tile, alpha = m + 2, given by the matrices B^T (alpha, alpha), G (alpha, 3),
+# A^T (m, alpha). The public functions below bind F(2x2)'s; winograd4.py binds F(4x4)'s.
 def _const(matrix, like):
     """A transform matrix as an array of ``like``'s module and dtype."""
     return get_array_module(like).asarray(matrix, dtype=like.dtype)
 
 
-def filter_transform(weight):
-    """U = G g G^T for every filter: weight (C_out, C_in, 3, 3) -> U (16, C_out, C_in).
+def generic_filter_transform(weight, kron_g):
+    """U = G g G^T for every filter: weight (C_out, C_in, 3, 3) -> U (alpha^2, C_out, C_in),
+    with ``kron_g`` = kron(G, G) (alpha^2, 9).
 
     ``(G g G^T)[a, b] = sum_ij G[a, i] G[b, j] g[i, j]``, and ``G[a, i] G[b, j]`` is entry
-    (4a + b, 3i + j) of the Kronecker product kron(G, G) (16, 9): so all filters go
-    through one matrix product, kron(G, G) @ (the filters as columns of 9 numbers).
+    (alpha a + b, 3i + j) of the Kronecker product kron(G, G): so all filters go through
+    one matrix product, kron(G, G) @ (the filters as columns of 9 numbers).
     """
     C_out, C_in = weight.shape[:2]
     g9 = weight.reshape(C_out * C_in, 9).T                             # (9, C_out*C_in)
-    return matmul(_const(KRON_G, weight), g9).reshape(16, C_out, C_in)
+    return matmul(_const(kron_g, weight), g9).reshape(-1, C_out, C_in)  # (alpha^2, C_out, C_in)
+
+
+def generic_filter_transform_adjoint(dU, kron_g):
+    """The gradient of :func:`generic_filter_transform`: dU (alpha^2, C_out, C_in) ->
+    (C_out, C_in, 3, 3), G^T dU G per filter: the same product transposed, kron(G, G)^T."""
+    P, C_out, C_in = dU.shape
+    du = dU.reshape(P, C_out * C_in).T                                 # (C_out*C_in, alpha^2)
+    return matmul(du, _const(kron_g, dU)).reshape(C_out, C_in, 3, 3)
+
+
+def _padded_tiles(x, m):
+    """The alpha x alpha input block of every tile: x (N, C, H, W) -> d (N, C, th, tw, alpha, alpha).
+
+    ``d[n, c, u, v, a, b] = x_pad[n, c, m u + a, m v + b]`` with x_pad padded by 1 (and
+    zeros up to whole tiles at the far side of a size that is not a multiple of m).
+    """
+    xp = get_array_module(x)
+    N, C, H, W = x.shape
+    alpha = m + 2
+    th, tw = tile_counts(H, W, m)
+    x_pad = xp.zeros((N, C, m * th + 2, m * tw + 2), dtype=x.dtype)
+    x_pad[:, :, 1:H + 1, 1:W + 1] = x
+    d = xp.empty((N, C, th, tw, alpha, alpha), dtype=x.dtype)
+    for a in range(alpha):
+        for b in range(alpha):
+            d[..., a, b] = x_pad[:, :, a:a + m * th:m, b:b + m * tw:m]  # (N, C, th, tw)
+    return d
+
+
+def generic_input_transform(x, b_t):
+    """V = B^T d B for every input tile d: x (N, C, H, W) -> V (alpha^2, C, T), T = N*th*tw,
+    with ``b_t`` = B^T (alpha, alpha)."""
+    xp = get_array_module(x)
+    alpha = b_t.shape[0]
+    bt = _const(b_t, x)
+    d = _padded_tiles(x, alpha - 2)                                    # (N, C, th, tw, alpha, alpha)
+    V = xp.einsum("ai,ncuvij,bj->abcnuv", bt, d, bt)                   # (alpha, alpha, C, N, th, tw)
+    return xp.ascontiguousarray(V.reshape(alpha * alpha, x.shape[1], -1))  # (alpha^2, C, T)
+
+
+def generic_input_transform_adjoint(dV, x_shape, b_t):
+    """The gradient of :func:`generic_input_transform`: dV (alpha^2, C, T) -> dL/dx (N, C, H, W).
+
+    Every tile's B dV B^T is added onto the alpha x alpha block of the padded input it was
+    read from; neighbouring blocks overlap by two rows or columns, and the sum collects both.
+    """
+    xp = get_array_module(dV)
+    N, C, H, W = x_shape
+    alpha = b_t.shape[0]
+    m = alpha - 2
+    th, tw = tile_counts(H, W, m)
+    bt = _const(b_t, dV)
+    dV = dV.reshape(alpha, alpha, C, N, th, tw)
+    dd = xp.einsum("ai,abcnuv,bj->ncuvij", bt, dV, bt)                 # (N, C, th, tw, alpha, alpha)
+    dx_pad = xp.zeros((N, C, m * th + 2, m * tw + 2), dtype=dV.dtype)
+    for a in range(alpha):
+        for b in range(alpha):
+            dx_pad[:, :, a:a + m * th:m, b:b + m * tw:m] += dd[..., a, b]
+    return dx_pad[:, :, 1:H + 1, 1:W + 1].copy()                       # (N, C, H, W)
+
+
+def generic_output_transform(M, out_shape, a_t):
+    """y = A^T m A for every tile: M (alpha^2, C_out, T) -> y (N, C_out, H, W), with
+    ``a_t`` = A^T (m, alpha)."""
+    xp = get_array_module(M)
+    N, C_out, H, W = out_shape
+    m, alpha = a_t.shape
+    th, tw = tile_counts(H, W, m)
+    at = _const(a_t, M)
+    mm = M.reshape(alpha, alpha, C_out, N, th, tw)
+    y = xp.einsum("pa,abonuv,qb->noupvq", at, mm, at)                  # (N, C_out, th, m, tw, m)
+    y = y.reshape(N, C_out, m * th, m * tw)
+    return xp.ascontiguousarray(y[:, :, :H, :W])                       # (N, C_out, H, W)
+
+
+def generic_output_transform_adjoint(grad, a_t):
+    """The gradient of :func:`generic_output_transform`: dL/dy (N, C_out, H, W) ->
+    Gy (alpha^2, C_out, T), A g A^T per m x m tile of the gradient (zero beyond H x W)."""
+    xp = get_array_module(grad)
+    N, C_out, H, W = grad.shape
+    m, alpha = a_t.shape
+    th, tw = tile_counts(H, W, m)
+    at = _const(a_t, grad)
+    g = xp.zeros((N, C_out, m * th, m * tw), dtype=grad.dtype)
+    g[:, :, :H, :W] = grad
+    g = g.reshape(N, C_out, th, m, tw, m)                              # (N, C_out, th, m, tw, m)
+    Gy = xp.einsum("pa,noupvq,qb->abonuv", at, g, at)                  # (alpha, alpha, C_out, N, th, tw)
+    return xp.ascontiguousarray(Gy.reshape(alpha * alpha, C_out, -1))  # (alpha^2, C_out, T)
+
+
+def filter_transform(weight):
+    """U = G g G^T for every filter: weight (C_out, C_in, 3, 3) -> U (16, C_out, C_in),
+    through one matrix product with kron(G, G) (16, 9) (:func:`generic_filter_transform`)."""
+    return generic_filter_transform(weight, KRON_G)
 
 
 def filter_transform_adjoint(dU):
     """The gradient of :func:`filter_transform`: dU (16, C_out, C_in) -> (C_out, C_in, 3, 3),
-    G^T dU G per filter: the same product transposed, kron(G, G)^T."""
-    C_out, C_in = dU.shape[1:]
-    du = dU.reshape(16, C_out * C_in).T                                # (C_out*C_in, 16)
-    return matmul(du, _const(KRON_G, dU)).reshape(C_out, C_in, 3, 3)
-
-
-def _padded_tiles(x):
-    """The 4x4 input block of every tile: x (N, C, H, W) -> d (N, C, th, tw, 4, 4).
-
-    ``d[n, c, u, v, a, b] = x_pad[n, c, 2u + a, 2v + b]`` with x_pad padded by 1 (and one
-    more row/column of zeros at the far side of an odd size).
-    """
-    xp = get_array_module(x)
-    N, C, H, W = x.shape
-    th, tw = tile_counts(H, W)
-    x_pad = xp.zeros((N, C, 2 * th + 2, 2 * tw + 2), dtype=x.dtype)
-    x_pad[:, :, 1:H + 1, 1:W + 1] = x
-    d = xp.empty((N, C, th, tw, 4, 4), dtype=x.dtype)
-    for a in range(4):
-        for b in range(4):
-            d[..., a, b] = x_pad[:, :, a:a + 2 * th:2, b:b + 2 * tw:2]  # (N, C, th, tw)
-    return d
+    G^T dU G per filter."""
+    return generic_filter_transform_adjoint(dU, KRON_G)
 
 
 def input_transform(x):
     """V = B^T d B for every 4x4 input tile d: x (N, C, H, W) -> V (16, C, T), T = N*th*tw."""
-    xp = get_array_module(x)
-    bt = _const(B_T, x)
-    d = _padded_tiles(x)                                               # (N, C, th, tw, 4, 4)
-    V = xp.einsum("ai,ncuvij,bj->abcnuv", bt, d, bt)                   # (4, 4, C, N, th, tw)
-    return xp.ascontiguousarray(V.reshape(16, x.shape[1], -1))         # (16, C, T)
+    return generic_input_transform(x, B_T)
 
 
 def input_transform_adjoint(dV, x_shape):
-    """The gradient of :func:`input_transform`: dV (16, C, T) -> dL/dx (N, C, H, W).
-
-    Every tile's B dV B^T is added onto the 4x4 block of the padded input it was read
-    from; neighbouring blocks overlap by two rows or columns, and the sum collects both.
-    """
-    xp = get_array_module(dV)
-    N, C, H, W = x_shape
-    th, tw = tile_counts(H, W)
-    bt = _const(B_T, dV)
-    dV = dV.reshape(4, 4, C, N, th, tw)
-    dd = xp.einsum("ai,abcnuv,bj->ncuvij", bt, dV, bt)                 # (N, C, th, tw, 4, 4)
-    dx_pad = xp.zeros((N, C, 2 * th + 2, 2 * tw + 2), dtype=dV.dtype)
-    for a in range(4):
-        for b in range(4):
-            dx_pad[:, :, a:a + 2 * th:2, b:b + 2 * tw:2] += dd[..., a, b]
-    return dx_pad[:, :, 1:H + 1, 1:W + 1].copy()                       # (N, C, H, W)
+    """The gradient of :func:`input_transform`: dV (16, C, T) -> dL/dx (N, C, H, W); every
+    tile's B dV B^T is added onto its 4x4 block (neighbouring blocks overlap by 2)."""
+    return generic_input_transform_adjoint(dV, x_shape, B_T)
 
 
 def output_transform(M, out_shape):
     """y = A^T m A for every tile: M (16, C_out, T) -> y (N, C_out, H, W)."""
-    xp = get_array_module(M)
-    N, C_out, H, W = out_shape
-    th, tw = tile_counts(H, W)
-    at = _const(A_T, M)
-    m = M.reshape(4, 4, C_out, N, th, tw)
-    y = xp.einsum("pa,abonuv,qb->noupvq", at, m, at)                   # (N, C_out, th, 2, tw, 2)
-    y = y.reshape(N, C_out, 2 * th, 2 * tw)
-    return xp.ascontiguousarray(y[:, :, :H, :W])                       # (N, C_out, H, W)
+    return generic_output_transform(M, out_shape, A_T)
 
 
 def output_transform_adjoint(grad):
     """The gradient of :func:`output_transform`: dL/dy (N, C_out, H, W) -> Gy (16, C_out, T),
     A g A^T per 2x2 tile of the gradient (zero beyond H x W)."""
-    xp = get_array_module(grad)
-    N, C_out, H, W = grad.shape
-    th, tw = tile_counts(H, W)
-    at = _const(A_T, grad)
-    g = xp.zeros((N, C_out, 2 * th, 2 * tw), dtype=grad.dtype)
-    g[:, :, :H, :W] = grad
-    g = g.reshape(N, C_out, th, 2, tw, 2)                              # (N, C_out, th, 2, tw, 2)
-    Gy = xp.einsum("pa,noupvq,qb->abonuv", at, g, at)                  # (4, 4, C_out, N, th, tw)
-    return xp.ascontiguousarray(Gy.reshape(16, C_out, -1))             # (16, C_out, T)
+    return generic_output_transform_adjoint(grad, A_T)
 
 
 TRANSFORMS = ("filter_transform", "filter_transform_adjoint", "input_transform",
@@ -212,52 +259,68 @@ def reference_transforms():
     return {name: globals()[name] for name in TRANSFORMS}
 
 
-def _transforms(*arrays):
-    """The Numba kernels for NumPy float arrays, the NumPy reference otherwise."""
-    if cpu_kernels_apply(*arrays):
-        from . import winograd_cpu                                     # Numba, on first use
-        return winograd_cpu.transforms()
-    return reference_transforms()
+def _transforms(m, *arrays):
+    """The transforms of F(m x m, 3x3), m = 2 or 4: the Numba kernels for NumPy float
+    arrays, the NumPy reference otherwise."""
+    fast = cpu_kernels_apply(*arrays)
+    if m == 2:
+        if fast:
+            from . import winograd_cpu                                 # Numba, on first use
+            return winograd_cpu.transforms()
+        return reference_transforms()
+    if m == 4:
+        if fast:
+            from . import winograd4_cpu
+            return winograd4_cpu.transforms()
+        from . import winograd4
+        return winograd4.reference_transforms()
+    raise ValueError(f"Winograd tile size m must be 2 or 4, got {m!r}")
 
 
 # --------------------------------------------------------------------------- Function
 class WinogradConv3x3(Function):
-    """out = conv2d(x, weight, bias, stride=1, padding=1) by F(2x2, 3x3) (module docstring).
+    """out = conv2d(x, weight, bias, stride=1, padding=1) by F(m x m, 3x3) (module docstring).
+
+    ``m`` (a constant argument, no gradient): 2 for F(2x2, 3x3), P = 16 positions of the
+    Winograd domain; 4 for F(4x4, 3x3) (:mod:`.winograd4`), P = 36. The four steps and
+    their adjoints are the same for both; only the transforms differ.
 
     Shapes: x (N, C_in, H, W), weight (C_out, C_in, 3, 3), bias (C_out,) or None ->
-    out (N, C_out, H, W). Saves ``x`` and the transformed filters ``U`` (16/9 the size of
+    out (N, C_out, H, W). Saves ``x`` and the transformed filters ``U`` (P/9 the size of
     ``weight``); backward recomputes the input transform V rather than keeping it (4x
-    the size of ``x``), as im2col's backward recomputes its columns.
+    the size of ``x`` for m = 2, 2.25x for m = 4), as im2col's backward recomputes its
+    columns.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias):
+    def forward(ctx, x, weight, bias, m=2):
         x = np.ascontiguousarray(x) if type(x) is np.ndarray else x
-        tf = _transforms(x, weight)
-        U = tf["filter_transform"](weight)                             # (16, C_out, C_in)
-        V = tf["input_transform"](x)                                   # (16, C_in, T)
-        M = batched_matmul(U, V)                                       # (16, C_out, T)
+        tf = _transforms(m, x, weight)
+        U = tf["filter_transform"](weight)                             # (P, C_out, C_in)
+        V = tf["input_transform"](x)                                   # (P, C_in, T)
+        M = batched_matmul(U, V)                                       # (P, C_out, T)
         out = tf["output_transform"](M, (x.shape[0], weight.shape[0]) + x.shape[2:])
         if bias is not None:
             out += bias[:, None, None]
         ctx.save_for_backward(x, U)
+        ctx.m = m
         return out                                                     # (N, C_out, H, W)
 
     @staticmethod
     def backward(ctx, grad):
         x, U = ctx.saved_tensors
-        need_x, need_w, need_b = ctx.needs_input_grad
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
         grad = np.ascontiguousarray(grad) if type(grad) is np.ndarray else grad
-        tf = _transforms(x, grad)
-        Gy = tf["output_transform_adjoint"](grad)                      # (16, C_out, T)
+        tf = _transforms(ctx.m, x, grad)
+        Gy = tf["output_transform_adjoint"](grad)                      # (P, C_out, T)
         grad_x = grad_w = grad_b = None
         if need_x:
-            dV = batched_matmul(U.transpose(0, 2, 1), Gy)              # (16, C_in, T)
+            dV = batched_matmul(U.transpose(0, 2, 1), Gy)              # (P, C_in, T)
             grad_x = tf["input_transform_adjoint"](dV, x.shape)        # (N, C_in, H, W)
         if need_w:
-            V = tf["input_transform"](x)                               # (16, C_in, T)
-            dU = batched_matmul(Gy, V.transpose(0, 2, 1))              # (16, C_out, C_in)
+            V = tf["input_transform"](x)                               # (P, C_in, T)
+            dU = batched_matmul(Gy, V.transpose(0, 2, 1))              # (P, C_out, C_in)
             grad_w = tf["filter_transform_adjoint"](dU)                # (C_out, C_in, 3, 3)
         if need_b:
             grad_b = grad.sum(axis=(0, 2, 3))                          # (C_out,)
-        return grad_x, grad_w, grad_b
+        return grad_x, grad_w, grad_b, None

@@ -1,0 +1,406 @@
+"""Numba CPU kernels of the Winograd F(4x4, 3x3) transforms (the fast path of winograd4.py).
+
+Built like :mod:`.winograd_cpu` (F(2x2)), with 6x6 tiles at stride 4: each kernel makes
+one pass over its input, applying the 1-D transform along the rows and then along the
+columns, and writes its 36 matrices. The innermost loops run over tile columns v (or
+input channels c for the filters), contiguous memory that LLVM turns into SIMD code: an
+input plane is first split into its 4 column phases ``ph[k][row, v] = x_pad[row, 4v + k]``,
+since tile column v reads padded columns 4v .. 4v+5 = phases 0..3 at v and phases 0, 1 at
+v + 1. The 1-D transforms are written out (:func:`_bt`, :func:`_b`, :func:`_at`, :func:`_a`,
+:func:`_g`, :func:`_gt`), entries 0, +-1, +-2, +-4, +-5, +-8 and the filter's 1/4, 1/6,
+1/12, 1/24. Same names and signatures as the reference (:func:`transforms`), same numbers
+up to the order of the additions (float rounding).
+
+Padding: the phase copies of an input plane have zero borders (the convolution's padding,
+plus zeros up to whole tiles), so the tile loops have no bounds checks; the output
+transforms work on whole tiles, and their wrappers cut (or pad) other sizes. Tiles and
+T-order as in :mod:`.winograd4`: t = (n, u, v).
+
+Threads: the channels (filters for the filter transforms) are cut into one block per
+thread (:func:`._parallel.run_ranges`); kernels are ``nogil`` so the blocks run at once.
+Compilation: on first use, once per dtype, cached on disk.
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+from ._parallel import run_ranges
+from .winograd import TRANSFORMS
+
+
+# --------------------------------------------------------------------------- 1-D transforms
+@njit(inline="always")
+def _bt(d0, d1, d2, d3, d4, d5):
+    """B^T d for a 6-vector d (input transform)."""
+    return (4 * d0 - 5 * d2 + d4,
+            d3 + d4 - 4 * (d1 + d2),
+            4 * (d1 - d2) + d4 - d3,
+            2 * (d3 - d1) + d4 - d2,
+            2 * (d1 - d3) + d4 - d2,
+            4 * d1 - 5 * d3 + d5)
+
+
+@njit(inline="always")
+def _b(v0, v1, v2, v3, v4, v5):
+    """B v for a 6-vector v (adjoint of the input transform)."""
+    return (4 * v0,
+            4 * (v2 - v1 + v5) + 2 * (v4 - v3),
+            -5 * v0 - 4 * (v1 + v2) - v3 - v4,
+            v1 - v2 + 2 * (v3 - v4) - 5 * v5,
+            v0 + v1 + v2 + v3 + v4,
+            v5)
+
+
+@njit(inline="always")
+def _at(m0, m1, m2, m3, m4, m5):
+    """A^T m for a 6-vector m (output transform): 4 outputs."""
+    s, d = m1 + m2, m1 - m2
+    s2, d2 = m3 + m4, m3 - m4
+    return m0 + s + s2, d + 2 * d2, s + 4 * s2, d + 8 * d2 + m5
+
+
+@njit(inline="always")
+def _a(g0, g1, g2, g3):
+    """A g for a 4-vector g (adjoint of the output transform): 6 outputs."""
+    e, o = g0 + g2, g1 + g3
+    e4, o2 = g0 + 4 * g2, 2 * g1 + 8 * g3
+    return g0, e + o, e - o, e4 + o2, e4 - o2, g3
+
+
+@njit(inline="always")
+def _g(w0, w1, w2, c4, c6, c12, c24):
+    """G w for a 3-vector w (filter transform): 6 outputs; c4 .. c24 = 1/4 .. 1/24."""
+    s = w0 + w2
+    return (w0 * c4, -(s + w1) * c6, (w1 - s) * c6,
+            w0 * c24 + w1 * c12 + w2 * c6, w0 * c24 - w1 * c12 + w2 * c6, w2)
+
+
+@njit(inline="always")
+def _gt(u0, u1, u2, u3, u4, u5, c4, c6, c12, c24):
+    """G^T u for a 6-vector u (adjoint of the filter transform): 3 outputs."""
+    s12, d12 = u1 + u2, u2 - u1
+    s34, d34 = u3 + u4, u3 - u4
+    return (u0 * c4 - s12 * c6 + s34 * c24,
+            d12 * c6 + d34 * c12,
+            (s34 - s12) * c6 + u5)
+
+
+# --------------------------------------------------------------------------- kernels
+@njit(nogil=True, cache=True)
+def _input_transform(x, c0, c1, V):
+    """V[6a + b, c, t] = (B^T d_t B)[a, b] for channels c0..c1-1.
+
+    x (N, C, H, W) C-contiguous; V (36, C, T), T = N * th * tw.
+
+    Per (n, c) plane: its padded columns are split into 4 phases ``ph[k, row, v] =
+    x_pad[row, 4v + k]`` (x column j is padded column j + 1), so that tile column v reads
+    ``ph[0..3, row, v], ph[0..1, row, v + 1]``: contiguous in v. B^T along the width once
+    per padded row (``E``), then B^T along the height once per tile row.
+    """
+    N, C, H, W = x.shape
+    th, tw = (H + 3) // 4, (W + 3) // 4
+    rows = 4 * th + 2
+    ph = np.zeros((4, rows, tw + 1), x.dtype)     # padding rows/columns stay zero
+    E = np.empty((rows, 6, tw), x.dtype)          # E[row, b, v] = (B^T x_pad[row, 4v:4v+6])[b]
+    for n in range(N):
+        for c in range(c0, c1):
+            for i in range(H):                    # x row i is padded row i + 1
+                for k in range(4):                # padded column 4v + k = x column 4v + k - 1
+                    for v in range(1 if k == 0 else 0, (W - k + 4) // 4):
+                        ph[k, i + 1, v] = x[n, c, i, 4 * v + k - 1]
+            for row in range(rows):
+                for v in range(tw):
+                    e0, e1, e2, e3, e4, e5 = _bt(ph[0, row, v], ph[1, row, v], ph[2, row, v],
+                                                 ph[3, row, v], ph[0, row, v + 1],
+                                                 ph[1, row, v + 1])
+                    E[row, 0, v] = e0
+                    E[row, 1, v] = e1
+                    E[row, 2, v] = e2
+                    E[row, 3, v] = e3
+                    E[row, 4, v] = e4
+                    E[row, 5, v] = e5
+            for u in range(th):
+                r = 4 * u
+                t0 = (n * th + u) * tw
+                for b in range(6):
+                    for v in range(tw):
+                        f0, f1, f2, f3, f4, f5 = _bt(E[r, b, v], E[r + 1, b, v], E[r + 2, b, v],
+                                                     E[r + 3, b, v], E[r + 4, b, v],
+                                                     E[r + 5, b, v])
+                        V[b, c, t0 + v] = f0
+                        V[6 + b, c, t0 + v] = f1
+                        V[12 + b, c, t0 + v] = f2
+                        V[18 + b, c, t0 + v] = f3
+                        V[24 + b, c, t0 + v] = f4
+                        V[30 + b, c, t0 + v] = f5
+
+
+@njit(nogil=True, cache=True)
+def _input_transform_adjoint(dV, c0, c1, dx):
+    """dx[n, c] = sum over tiles of B dV_t B^T, added at the tile's 6x6 block (c0..c1-1).
+
+    dV (36, C, T); dx (N, C, H, W).
+
+    The reverse of :func:`_input_transform`: B along the height, summed into ``F[row, b, v]``
+    per padded row (tile rows overlap by two rows); then B along the width into
+    ``h[k, v + 1]`` (``h[:, 0]`` and ``h[:, tw + 1]`` stay zero), where tile column v adds
+    ``h0..h5`` to padded columns 4v .. 4v+5: padded column 4m collects ``h0[m] + h4[m - 1]``,
+    4m + 1 ``h1[m] + h5[m - 1]``, 4m + 2 ``h2[m]`` and 4m + 3 ``h3[m]``.
+    """
+    N, C, H, W = dx.shape
+    th, tw = (H + 3) // 4, (W + 3) // 4
+    rows = 4 * th + 2
+    F = np.empty((rows, 6, tw), dx.dtype)
+    h = np.zeros((6, tw + 2), dx.dtype)           # h[k, v + 1]: tile v's k-th column
+    for n in range(N):
+        for c in range(c0, c1):
+            F[:] = 0
+            for u in range(th):
+                r = 4 * u
+                t0 = (n * th + u) * tw
+                for b in range(6):
+                    for v in range(tw):
+                        f0, f1, f2, f3, f4, f5 = _b(dV[b, c, t0 + v], dV[6 + b, c, t0 + v],
+                                                    dV[12 + b, c, t0 + v], dV[18 + b, c, t0 + v],
+                                                    dV[24 + b, c, t0 + v], dV[30 + b, c, t0 + v])
+                        F[r, b, v] += f0
+                        F[r + 1, b, v] += f1
+                        F[r + 2, b, v] += f2
+                        F[r + 3, b, v] += f3
+                        F[r + 4, b, v] += f4
+                        F[r + 5, b, v] += f5
+            for i in range(H):                    # x row i is padded row i + 1
+                for v in range(tw):
+                    h0, h1, h2, h3, h4, h5 = _b(F[i + 1, 0, v], F[i + 1, 1, v], F[i + 1, 2, v],
+                                                F[i + 1, 3, v], F[i + 1, 4, v], F[i + 1, 5, v])
+                    h[0, v + 1] = h0
+                    h[1, v + 1] = h1
+                    h[2, v + 1] = h2
+                    h[3, v + 1] = h3
+                    h[4, v + 1] = h4
+                    h[5, v + 1] = h5
+                # x column j = 4m + k - 1 is padded column 4m + k
+                for m in range(1, (W + 4) // 4):
+                    dx[n, c, i, 4 * m - 1] = h[0, m + 1] + h[4, m]
+                for m in range((W + 3) // 4):
+                    dx[n, c, i, 4 * m] = h[1, m + 1] + h[5, m]
+                for m in range((W + 2) // 4):
+                    dx[n, c, i, 4 * m + 1] = h[2, m + 1]
+                for m in range((W + 1) // 4):
+                    dx[n, c, i, 4 * m + 2] = h[3, m + 1]
+
+
+@njit(nogil=True, cache=True)
+def _output_transform(M, o0, o1, y):
+    """y[n, o, 4u:4u+4, 4v:4v+4] = A^T m_t A for filters o0..o1-1.
+
+    M (36, C_out, T); y (N, C_out, 4 th, 4 tw): whole tiles (the wrapper cuts the rest).
+    Per tile row: A^T along a into ``P[p, b, v]`` (contiguous in v), then along b.
+    """
+    N, C_out, H4, W4 = y.shape
+    th, tw = H4 // 4, W4 // 4
+    P = np.empty((4, 6, tw), y.dtype)
+    for o in range(o0, o1):
+        for n in range(N):
+            for u in range(th):
+                t0 = (n * th + u) * tw
+                for b in range(6):
+                    for v in range(tw):
+                        p0, p1, p2, p3 = _at(M[b, o, t0 + v], M[6 + b, o, t0 + v],
+                                             M[12 + b, o, t0 + v], M[18 + b, o, t0 + v],
+                                             M[24 + b, o, t0 + v], M[30 + b, o, t0 + v])
+                        P[0, b, v] = p0
+                        P[1, b, v] = p1
+                        P[2, b, v] = p2
+                        P[3, b, v] = p3
+                for p in range(4):
+                    for v in range(tw):
+                        q0, q1, q2, q3 = _at(P[p, 0, v], P[p, 1, v], P[p, 2, v], P[p, 3, v],
+                                             P[p, 4, v], P[p, 5, v])
+                        y[n, o, 4 * u + p, 4 * v] = q0
+                        y[n, o, 4 * u + p, 4 * v + 1] = q1
+                        y[n, o, 4 * u + p, 4 * v + 2] = q2
+                        y[n, o, 4 * u + p, 4 * v + 3] = q3
+
+
+@njit(nogil=True, cache=True)
+def _output_transform_adjoint(g, o0, o1, Gy):
+    """Gy[6a + b, o, t] = (A g_t A^T)[a, b] for filters o0..o1-1, g_t the tile's 4x4
+    block of the gradient.
+
+    g (N, C_out, 4 th, 4 tw): whole tiles (the wrapper pads other sizes); Gy (36, C_out, T).
+    Per tile row: A along the four rows into ``S[q, a, v]`` for each column phase q, then A
+    along the width, all contiguous in v.
+    """
+    N, C_out, H4, W4 = g.shape
+    th, tw = H4 // 4, W4 // 4
+    S = np.empty((4, 6, tw), g.dtype)
+    for o in range(o0, o1):
+        for n in range(N):
+            for u in range(th):
+                r = 4 * u
+                t0 = (n * th + u) * tw
+                for q in range(4):
+                    for v in range(tw):
+                        s0, s1, s2, s3, s4, s5 = _a(g[n, o, r, 4 * v + q], g[n, o, r + 1, 4 * v + q],
+                                                    g[n, o, r + 2, 4 * v + q],
+                                                    g[n, o, r + 3, 4 * v + q])
+                        S[q, 0, v] = s0
+                        S[q, 1, v] = s1
+                        S[q, 2, v] = s2
+                        S[q, 3, v] = s3
+                        S[q, 4, v] = s4
+                        S[q, 5, v] = s5
+                for a in range(6):
+                    for v in range(tw):
+                        k0, k1, k2, k3, k4, k5 = _a(S[0, a, v], S[1, a, v], S[2, a, v], S[3, a, v])
+                        Gy[6 * a, o, t0 + v] = k0
+                        Gy[6 * a + 1, o, t0 + v] = k1
+                        Gy[6 * a + 2, o, t0 + v] = k2
+                        Gy[6 * a + 3, o, t0 + v] = k3
+                        Gy[6 * a + 4, o, t0 + v] = k4
+                        Gy[6 * a + 5, o, t0 + v] = k5
+
+
+@njit(nogil=True, cache=True)
+def _filter_transform(w, o0, o1, U):
+    """U[6a + b, o, c] = (G w[o, c] G^T)[a, b] for filters o0..o1-1.
+
+    w (C_out, C_in, 3, 3); U (36, C_out, C_in). Per o, the filters are first copied
+    tap-major into ``g`` (9, C_in), so that both passes (G along the width into ``q``,
+    then along the height) run contiguous in c.
+    """
+    C_in = w.shape[1]
+    g = np.empty((9, C_in), w.dtype)
+    q = np.empty((18, C_in), w.dtype)             # q[6i + b, c] = (G w[o, c, i, :])[b]
+    one = w.dtype.type(1)
+    c4, c6, c12, c24 = one / 4, one / 6, one / 12, one / 24
+    for o in range(o0, o1):
+        for c in range(C_in):
+            for k in range(9):
+                g[k, c] = w[o, c, k // 3, k % 3]
+        for i in range(3):
+            for c in range(C_in):
+                r0, r1, r2, r3, r4, r5 = _g(g[3 * i, c], g[3 * i + 1, c], g[3 * i + 2, c],
+                                            c4, c6, c12, c24)
+                q[6 * i, c] = r0
+                q[6 * i + 1, c] = r1
+                q[6 * i + 2, c] = r2
+                q[6 * i + 3, c] = r3
+                q[6 * i + 4, c] = r4
+                q[6 * i + 5, c] = r5
+        for b in range(6):
+            for c in range(C_in):
+                r0, r1, r2, r3, r4, r5 = _g(q[b, c], q[6 + b, c], q[12 + b, c], c4, c6, c12, c24)
+                U[b, o, c] = r0
+                U[6 + b, o, c] = r1
+                U[12 + b, o, c] = r2
+                U[18 + b, o, c] = r3
+                U[24 + b, o, c] = r4
+                U[30 + b, o, c] = r5
+
+
+@njit(nogil=True, cache=True)
+def _filter_transform_adjoint(dU, o0, o1, dw):
+    """dw[o, c] = G^T dU[:, o, c] G (3x3) for filters o0..o1-1.
+
+    dU (36, C_out, C_in); dw (C_out, C_in, 3, 3). The reverse of
+    :func:`_filter_transform`: G^T along a into ``q``, along b into ``g`` (9, C_in), then
+    copied out filter by filter.
+    """
+    C_in = dw.shape[1]
+    g = np.empty((9, C_in), dw.dtype)
+    q = np.empty((18, C_in), dw.dtype)            # q[6i + b, c] = (G^T dU[:, b, o, c])[i]
+    one = dw.dtype.type(1)
+    c4, c6, c12, c24 = one / 4, one / 6, one / 12, one / 24
+    for o in range(o0, o1):
+        for b in range(6):
+            for c in range(C_in):
+                s0, s1, s2 = _gt(dU[b, o, c], dU[6 + b, o, c], dU[12 + b, o, c],
+                                 dU[18 + b, o, c], dU[24 + b, o, c], dU[30 + b, o, c],
+                                 c4, c6, c12, c24)
+                q[b, c] = s0
+                q[6 + b, c] = s1
+                q[12 + b, c] = s2
+        for i in range(3):
+            for c in range(C_in):
+                s0, s1, s2 = _gt(q[6 * i, c], q[6 * i + 1, c], q[6 * i + 2, c], q[6 * i + 3, c],
+                                 q[6 * i + 4, c], q[6 * i + 5, c], c4, c6, c12, c24)
+                g[3 * i, c] = s0
+                g[3 * i + 1, c] = s1
+                g[3 * i + 2, c] = s2
+        for c in range(C_in):
+            for k in range(9):
+                dw[o, c, k // 3, k % 3] = g[k, c]
+
+
+# --------------------------------------------------------------------------- wrappers
+def _tiles(H, W):
+    return ((H + 3) // 4) * ((W + 3) // 4)
+
+
+def _whole(size):
+    """The size rounded up to whole 4-pixel tiles."""
+    return -(-size // 4) * 4
+
+
+def filter_transform(weight):
+    """weight (C_out, C_in, 3, 3) -> U (36, C_out, C_in)."""
+    weight = np.ascontiguousarray(weight)
+    U = np.empty((36,) + weight.shape[:2], dtype=weight.dtype)
+    run_ranges(lambda lo, hi: _filter_transform(weight, lo, hi, U), weight.shape[0], U.nbytes)
+    return U
+
+
+def filter_transform_adjoint(dU):
+    """dU (36, C_out, C_in) -> (C_out, C_in, 3, 3)."""
+    dU = np.ascontiguousarray(dU)
+    dw = np.empty(dU.shape[1:] + (3, 3), dtype=dU.dtype)
+    run_ranges(lambda lo, hi: _filter_transform_adjoint(dU, lo, hi, dw), dU.shape[1],
+               dU.nbytes)
+    return dw
+
+
+def input_transform(x):
+    """x (N, C, H, W) -> V (36, C, T)."""
+    x = np.ascontiguousarray(x)
+    N, C, H, W = x.shape
+    V = np.empty((36, C, N * _tiles(H, W)), dtype=x.dtype)
+    run_ranges(lambda lo, hi: _input_transform(x, lo, hi, V), C, V.nbytes)
+    return V
+
+
+def input_transform_adjoint(dV, x_shape):
+    """dV (36, C, T) -> dL/dx (N, C, H, W)."""
+    dV = np.ascontiguousarray(dV)
+    dx = np.empty(tuple(x_shape), dtype=dV.dtype)
+    run_ranges(lambda lo, hi: _input_transform_adjoint(dV, lo, hi, dx), x_shape[1], dV.nbytes)
+    return dx
+
+
+def output_transform(M, out_shape):
+    """M (36, C_out, T) -> y (N, C_out, H, W)."""
+    M = np.ascontiguousarray(M)
+    N, C_out, H, W = out_shape
+    y = np.empty((N, C_out, _whole(H), _whole(W)), dtype=M.dtype)  # whole tiles
+    run_ranges(lambda lo, hi: _output_transform(M, lo, hi, y), C_out, M.nbytes)
+    return y if (H, W) == y.shape[2:] else np.ascontiguousarray(y[:, :, :H, :W])
+
+
+def output_transform_adjoint(grad):
+    """dL/dy (N, C_out, H, W) -> Gy (36, C_out, T)."""
+    N, C_out, H, W = grad.shape
+    if (H, W) != (_whole(H), _whole(W)):                  # whole tiles: pad with zeros
+        padded = np.zeros((N, C_out, _whole(H), _whole(W)), dtype=grad.dtype)
+        padded[:, :, :H, :W] = grad
+        grad = padded
+    grad = np.ascontiguousarray(grad)
+    Gy = np.empty((36, C_out, N * _tiles(H, W)), dtype=grad.dtype)
+    run_ranges(lambda lo, hi: _output_transform_adjoint(grad, lo, hi, Gy), C_out, Gy.nbytes)
+    return Gy
+
+
+def transforms():
+    """These kernels by name, as :func:`.winograd4.reference_transforms` gives the reference."""
+    return {name: globals()[name] for name in TRANSFORMS}
