@@ -93,47 +93,53 @@ def _input_transform(x, c0, c1, V):
 
     x (N, C, H, W) C-contiguous; V (36, C, T), T = N * th * tw.
 
-    Per (n, c) plane: its padded columns are split into 4 phases ``ph[k, row, v] =
-    x_pad[row, 4v + k]`` (x column j is padded column j + 1), so that tile column v reads
-    ``ph[0..3, row, v], ph[0..1, row, v + 1]``: contiguous in v. B^T along the width once
-    per padded row (``E``), then B^T along the height once per tile row.
+    Per (n, c) plane: the padded plane is split into its phases mod 4 on a grid of tiles,
+    ``ph[kr, kc, j] = x_pad[4 ur + kr, 4 vc + kc]`` at j = ur tw + vc (x pixel (i, j') is
+    padded (i + 1, j' + 1)), with the next tile column's first two columns beside them,
+    ``nx[kr, kc, j] = x_pad[4 ur + kr, 4 (vc + 1) + kc]`` (kc = 0, 1): tile (u, v), j = u tw + v,
+    reads ph[0..3, 0..3, j], nx[0..3, 0..1, j] and the next tile row's kr = 0, 1 at j + tw.
+    So both passes -- B^T along the width into ``E[kr, b, j]``, then along the height
+    straight into V -- are single loops over all tiles j of the plane, contiguous and long
+    enough for SIMD even with few tiles per row (``tw`` = 8 at ResNet's layer2).
     """
     N, C, H, W = x.shape
     th, tw = (H + 3) // 4, (W + 3) // 4
-    rows = 4 * th + 2
-    ph = np.zeros((4, rows, tw + 1), x.dtype)     # padding rows/columns stay zero
-    E = np.empty((rows, 6, tw), x.dtype)          # E[row, b, v] = (B^T x_pad[row, 4v:4v+6])[b]
+    T1 = th * tw
+    L = T1 + tw                                   # one more tile row: rows 4 th, 4 th + 1
+    ph = np.zeros((4, 4, L), x.dtype)             # padding stays zero
+    nx = np.zeros((4, 2, L), x.dtype)
+    E = np.empty((4, 6, L), x.dtype)              # E[kr, b, j] = (B^T row kr of tile j)[b]
     for n in range(N):
+        t0 = n * T1
         for c in range(c0, c1):
-            for i in range(H):                    # x row i is padded row i + 1
-                for k in range(4):                # padded column 4v + k = x column 4v + k - 1
-                    for v in range(1 if k == 0 else 0, (W - k + 4) // 4):
-                        ph[k, i + 1, v] = x[n, c, i, 4 * v + k - 1]
-            for row in range(rows):
-                for v in range(tw):
-                    e0, e1, e2, e3, e4, e5 = _bt(ph[0, row, v], ph[1, row, v], ph[2, row, v],
-                                                 ph[3, row, v], ph[0, row, v + 1],
-                                                 ph[1, row, v + 1])
-                    E[row, 0, v] = e0
-                    E[row, 1, v] = e1
-                    E[row, 2, v] = e2
-                    E[row, 3, v] = e3
-                    E[row, 4, v] = e4
-                    E[row, 5, v] = e5
-            for u in range(th):
-                r = 4 * u
-                t0 = (n * th + u) * tw
-                for b in range(6):
-                    for v in range(tw):
-                        f0, f1, f2, f3, f4, f5 = _bt(E[r, b, v], E[r + 1, b, v], E[r + 2, b, v],
-                                                     E[r + 3, b, v], E[r + 4, b, v],
-                                                     E[r + 5, b, v])
-                        V[b, c, t0 + v] = f0
-                        V[6 + b, c, t0 + v] = f1
-                        V[12 + b, c, t0 + v] = f2
-                        V[18 + b, c, t0 + v] = f3
-                        V[24 + b, c, t0 + v] = f4
-                        V[30 + b, c, t0 + v] = f5
+            for i in range(H):                    # x row i is padded row i + 1 = 4 ur + kr
+                kr, r0 = (i + 1) % 4, ((i + 1) // 4) * tw
+                for kc in range(4):               # padded column 4 vc + kc = x column 4 vc + kc - 1
+                    for vc in range(1 if kc == 0 else 0, min(tw, (W - kc + 4) // 4)):
+                        ph[kr, kc, r0 + vc] = x[n, c, i, 4 * vc + kc - 1]
+                for kc in range(2):               # padded column 4 (vc + 1) + kc
+                    for vc in range((W - kc) // 4):
+                        nx[kr, kc, r0 + vc] = x[n, c, i, 4 * vc + kc + 3]
+            for kr in range(4):
+                for j in range(L):
+                    e0, e1, e2, e3, e4, e5 = _bt(ph[kr, 0, j], ph[kr, 1, j], ph[kr, 2, j],
+                                                 ph[kr, 3, j], nx[kr, 0, j], nx[kr, 1, j])
+                    E[kr, 0, j] = e0
+                    E[kr, 1, j] = e1
+                    E[kr, 2, j] = e2
+                    E[kr, 3, j] = e3
+                    E[kr, 4, j] = e4
+                    E[kr, 5, j] = e5
+            for b in range(6):
+                for j in range(T1):
+                    f0, f1, f2, f3, f4, f5 = _bt(E[0, b, j], E[1, b, j], E[2, b, j], E[3, b, j],
+                                                 E[0, b, j + tw], E[1, b, j + tw])
+                    V[b, c, t0 + j] = f0
+                    V[6 + b, c, t0 + j] = f1
+                    V[12 + b, c, t0 + j] = f2
+                    V[18 + b, c, t0 + j] = f3
+                    V[24 + b, c, t0 + j] = f4
+                    V[30 + b, c, t0 + j] = f5
 
 
 @njit(nogil=True, cache=True)
@@ -142,53 +148,62 @@ def _input_transform_adjoint(dV, c0, c1, dx):
 
     dV (36, C, T); dx (N, C, H, W).
 
-    The reverse of :func:`_input_transform`: B along the height, summed into ``F[row, b, v]``
-    per padded row (tile rows overlap by two rows); then B along the width into
-    ``h[k, v + 1]`` (``h[:, 0]`` and ``h[:, tw + 1]`` stay zero), where tile column v adds
-    ``h0..h5`` to padded columns 4v .. 4v+5: padded column 4m collects ``h0[m] + h4[m - 1]``,
-    4m + 1 ``h1[m] + h5[m - 1]``, 4m + 2 ``h2[m]`` and 4m + 3 ``h3[m]``.
+    The reverse of :func:`_input_transform`, on the same grid (j = ur tw + vc): B along the
+    height gives tile j's rows 0..3 at j and its rows 4, 5 at j + tw (the next tile row's
+    kr = 0, 1, where they add: through ``F45`` so that every loop over j is free of
+    dependences); B along the width gives columns 0..3 (``D``, like ph) and 4, 5 (``Dn``,
+    like nx); a padded column 4 vc + kc (kc = 0, 1) collects D at vc and Dn at vc - 1.
     """
     N, C, H, W = dx.shape
     th, tw = (H + 3) // 4, (W + 3) // 4
-    rows = 4 * th + 2
-    F = np.empty((rows, 6, tw), dx.dtype)
-    h = np.zeros((6, tw + 2), dx.dtype)           # h[k, v + 1]: tile v's k-th column
+    T1 = th * tw
+    L = T1 + tw
+    F = np.empty((4, 6, L), dx.dtype)             # F[kr, b, j]
+    F45 = np.empty((2, 6, T1), dx.dtype)          # tile rows 4, 5: add at j + tw
+    D = np.empty((4, 4, L), dx.dtype)             # the gradient of ph
+    Dn = np.empty((4, 2, L), dx.dtype)            # the gradient of nx
     for n in range(N):
+        t0 = n * T1
         for c in range(c0, c1):
-            F[:] = 0
-            for u in range(th):
-                r = 4 * u
-                t0 = (n * th + u) * tw
-                for b in range(6):
-                    for v in range(tw):
-                        f0, f1, f2, f3, f4, f5 = _b(dV[b, c, t0 + v], dV[6 + b, c, t0 + v],
-                                                    dV[12 + b, c, t0 + v], dV[18 + b, c, t0 + v],
-                                                    dV[24 + b, c, t0 + v], dV[30 + b, c, t0 + v])
-                        F[r, b, v] += f0
-                        F[r + 1, b, v] += f1
-                        F[r + 2, b, v] += f2
-                        F[r + 3, b, v] += f3
-                        F[r + 4, b, v] += f4
-                        F[r + 5, b, v] += f5
-            for i in range(H):                    # x row i is padded row i + 1
-                for v in range(tw):
-                    h0, h1, h2, h3, h4, h5 = _b(F[i + 1, 0, v], F[i + 1, 1, v], F[i + 1, 2, v],
-                                                F[i + 1, 3, v], F[i + 1, 4, v], F[i + 1, 5, v])
-                    h[0, v + 1] = h0
-                    h[1, v + 1] = h1
-                    h[2, v + 1] = h2
-                    h[3, v + 1] = h3
-                    h[4, v + 1] = h4
-                    h[5, v + 1] = h5
-                # x column j = 4m + k - 1 is padded column 4m + k
-                for m in range(1, (W + 4) // 4):
-                    dx[n, c, i, 4 * m - 1] = h[0, m + 1] + h[4, m]
-                for m in range((W + 3) // 4):
-                    dx[n, c, i, 4 * m] = h[1, m + 1] + h[5, m]
-                for m in range((W + 2) // 4):
-                    dx[n, c, i, 4 * m + 1] = h[2, m + 1]
-                for m in range((W + 1) // 4):
-                    dx[n, c, i, 4 * m + 2] = h[3, m + 1]
+            for b in range(6):
+                for j in range(T1):
+                    f0, f1, f2, f3, f4, f5 = _b(dV[b, c, t0 + j], dV[6 + b, c, t0 + j],
+                                                dV[12 + b, c, t0 + j], dV[18 + b, c, t0 + j],
+                                                dV[24 + b, c, t0 + j], dV[30 + b, c, t0 + j])
+                    F[0, b, j] = f0
+                    F[1, b, j] = f1
+                    F[2, b, j] = f2
+                    F[3, b, j] = f3
+                    F45[0, b, j] = f4
+                    F45[1, b, j] = f5
+                for kr in range(4):
+                    for j in range(T1, L):
+                        F[kr, b, j] = 0
+                for kr in range(2):
+                    for j in range(T1):
+                        F[kr, b, j + tw] += F45[kr, b, j]
+            for kr in range(4):
+                for j in range(L):
+                    h0, h1, h2, h3, h4, h5 = _b(F[kr, 0, j], F[kr, 1, j], F[kr, 2, j],
+                                                F[kr, 3, j], F[kr, 4, j], F[kr, 5, j])
+                    D[kr, 0, j] = h0
+                    D[kr, 1, j] = h1
+                    D[kr, 2, j] = h2
+                    D[kr, 3, j] = h3
+                    Dn[kr, 0, j] = h4
+                    Dn[kr, 1, j] = h5
+            for i in range(H):                    # x row i is padded row i + 1 = 4 ur + kr
+                kr, r0 = (i + 1) % 4, ((i + 1) // 4) * tw
+                for vc in range(1, (W + 4) // 4):      # x column 4 vc - 1: padded 4 vc
+                    s = Dn[kr, 0, r0 + vc - 1]
+                    dx[n, c, i, 4 * vc - 1] = s + D[kr, 0, r0 + vc] if vc < tw else s
+                for vc in range((W + 3) // 4):          # x column 4 vc: padded 4 vc + 1
+                    s = D[kr, 1, r0 + vc]
+                    dx[n, c, i, 4 * vc] = s + Dn[kr, 1, r0 + vc - 1] if vc > 0 else s
+                for vc in range((W + 2) // 4):          # x column 4 vc + 1: padded 4 vc + 2
+                    dx[n, c, i, 4 * vc + 1] = D[kr, 2, r0 + vc]
+                for vc in range((W + 1) // 4):          # x column 4 vc + 2: padded 4 vc + 3
+                    dx[n, c, i, 4 * vc + 2] = D[kr, 3, r0 + vc]
 
 
 @njit(nogil=True, cache=True)
@@ -196,32 +211,40 @@ def _output_transform(M, o0, o1, y):
     """y[n, o, 4u:4u+4, 4v:4v+4] = A^T m_t A for filters o0..o1-1.
 
     M (36, C_out, T); y (N, C_out, 4 th, 4 tw): whole tiles (the wrapper cuts the rest).
-    Per tile row: A^T along a into ``P[p, b, v]`` (contiguous in v), then along b.
+    Per (n, o): A^T along a into ``P[p, b, j]``, then along b into ``Y[p, q, j]``, both
+    loops over all tiles j = u tw + v of the image (contiguous, SIMD); then ``Y`` is
+    interleaved into y (pixel (4u + p, 4v + q)).
     """
     N, C_out, H4, W4 = y.shape
     th, tw = H4 // 4, W4 // 4
-    P = np.empty((4, 6, tw), y.dtype)
+    T1 = th * tw
+    P = np.empty((4, 6, T1), y.dtype)
+    Y = np.empty((4, 4, T1), y.dtype)
     for o in range(o0, o1):
         for n in range(N):
+            t0 = n * T1
+            for b in range(6):
+                for j in range(T1):
+                    p0, p1, p2, p3 = _at(M[b, o, t0 + j], M[6 + b, o, t0 + j],
+                                         M[12 + b, o, t0 + j], M[18 + b, o, t0 + j],
+                                         M[24 + b, o, t0 + j], M[30 + b, o, t0 + j])
+                    P[0, b, j] = p0
+                    P[1, b, j] = p1
+                    P[2, b, j] = p2
+                    P[3, b, j] = p3
+            for p in range(4):
+                for j in range(T1):
+                    q0, q1, q2, q3 = _at(P[p, 0, j], P[p, 1, j], P[p, 2, j], P[p, 3, j],
+                                         P[p, 4, j], P[p, 5, j])
+                    Y[p, 0, j] = q0
+                    Y[p, 1, j] = q1
+                    Y[p, 2, j] = q2
+                    Y[p, 3, j] = q3
             for u in range(th):
-                t0 = (n * th + u) * tw
-                for b in range(6):
-                    for v in range(tw):
-                        p0, p1, p2, p3 = _at(M[b, o, t0 + v], M[6 + b, o, t0 + v],
-                                             M[12 + b, o, t0 + v], M[18 + b, o, t0 + v],
-                                             M[24 + b, o, t0 + v], M[30 + b, o, t0 + v])
-                        P[0, b, v] = p0
-                        P[1, b, v] = p1
-                        P[2, b, v] = p2
-                        P[3, b, v] = p3
                 for p in range(4):
                     for v in range(tw):
-                        q0, q1, q2, q3 = _at(P[p, 0, v], P[p, 1, v], P[p, 2, v], P[p, 3, v],
-                                             P[p, 4, v], P[p, 5, v])
-                        y[n, o, 4 * u + p, 4 * v] = q0
-                        y[n, o, 4 * u + p, 4 * v + 1] = q1
-                        y[n, o, 4 * u + p, 4 * v + 2] = q2
-                        y[n, o, 4 * u + p, 4 * v + 3] = q3
+                        for q in range(4):
+                            y[n, o, 4 * u + p, 4 * v + q] = Y[p, q, u * tw + v]
 
 
 @njit(nogil=True, cache=True)
@@ -230,37 +253,41 @@ def _output_transform_adjoint(g, o0, o1, Gy):
     block of the gradient.
 
     g (N, C_out, 4 th, 4 tw): whole tiles (the wrapper pads other sizes); Gy (36, C_out, T).
-    Per tile row: A along the four rows into ``S[q, a, v]`` for each column phase q, then A
-    along the width, all contiguous in v.
+    Per (n, o): the plane is split into its 16 phases ``gp[p, q, j] = g[4u + p, 4v + q]``,
+    j = u tw + v; then A along p into ``S[q, a, j]`` and along q into Gy, loops over all
+    tiles j of the image (contiguous, SIMD).
     """
     N, C_out, H4, W4 = g.shape
     th, tw = H4 // 4, W4 // 4
-    S = np.empty((4, 6, tw), g.dtype)
+    T1 = th * tw
+    gp = np.empty((4, 4, T1), g.dtype)
+    S = np.empty((4, 6, T1), g.dtype)
     for o in range(o0, o1):
         for n in range(N):
+            t0 = n * T1
             for u in range(th):
-                r = 4 * u
-                t0 = (n * th + u) * tw
-                for q in range(4):
+                for p in range(4):
                     for v in range(tw):
-                        s0, s1, s2, s3, s4, s5 = _a(g[n, o, r, 4 * v + q], g[n, o, r + 1, 4 * v + q],
-                                                    g[n, o, r + 2, 4 * v + q],
-                                                    g[n, o, r + 3, 4 * v + q])
-                        S[q, 0, v] = s0
-                        S[q, 1, v] = s1
-                        S[q, 2, v] = s2
-                        S[q, 3, v] = s3
-                        S[q, 4, v] = s4
-                        S[q, 5, v] = s5
-                for a in range(6):
-                    for v in range(tw):
-                        k0, k1, k2, k3, k4, k5 = _a(S[0, a, v], S[1, a, v], S[2, a, v], S[3, a, v])
-                        Gy[6 * a, o, t0 + v] = k0
-                        Gy[6 * a + 1, o, t0 + v] = k1
-                        Gy[6 * a + 2, o, t0 + v] = k2
-                        Gy[6 * a + 3, o, t0 + v] = k3
-                        Gy[6 * a + 4, o, t0 + v] = k4
-                        Gy[6 * a + 5, o, t0 + v] = k5
+                        for q in range(4):
+                            gp[p, q, u * tw + v] = g[n, o, 4 * u + p, 4 * v + q]
+            for q in range(4):
+                for j in range(T1):
+                    s0, s1, s2, s3, s4, s5 = _a(gp[0, q, j], gp[1, q, j], gp[2, q, j], gp[3, q, j])
+                    S[q, 0, j] = s0
+                    S[q, 1, j] = s1
+                    S[q, 2, j] = s2
+                    S[q, 3, j] = s3
+                    S[q, 4, j] = s4
+                    S[q, 5, j] = s5
+            for a in range(6):
+                for j in range(T1):
+                    k0, k1, k2, k3, k4, k5 = _a(S[0, a, j], S[1, a, j], S[2, a, j], S[3, a, j])
+                    Gy[6 * a, o, t0 + j] = k0
+                    Gy[6 * a + 1, o, t0 + j] = k1
+                    Gy[6 * a + 2, o, t0 + j] = k2
+                    Gy[6 * a + 3, o, t0 + j] = k3
+                    Gy[6 * a + 4, o, t0 + j] = k4
+                    Gy[6 * a + 5, o, t0 + j] = k5
 
 
 @njit(nogil=True, cache=True)
