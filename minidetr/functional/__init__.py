@@ -14,6 +14,7 @@ Grouped by kind, one file each:
 ``winograd``       the Winograd F(2x2, 3x3) convolution conv2d uses on the CPU
 ``norm``           layer_norm, group_norm, frozen_batch_norm
 ``random``         dropout
+``loss``           sigmoid_focal_loss (one Function, gradient by hand)
 ``sampling``       interpolate_nearest (masks, no gradient)
 =================  =====================================================================
 
@@ -32,4 +33,5 @@ from .linalg import linear, matmul  # noqa: F401
 from .conv import conv2d, max_pool2d  # noqa: F401
 from .norm import frozen_batch_norm, group_norm, layer_norm  # noqa: F401
 from .random import dropout  # noqa: F401
+from .loss import sigmoid_focal_loss  # noqa: F401
 from .sampling import interpolate_nearest  # noqa: F401

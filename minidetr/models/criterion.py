@@ -32,7 +32,7 @@ from ..autograd import Tensor
 from ..backend import get_array_module
 from .box_ops import box_cxcywh_to_xyxy, elementwise_generalized_box_iou
 
-__all__ = ["sigmoid_focal_loss", "SetCriterion", "build_weight_dict", "total_loss"]
+__all__ = ["sigmoid_focal_loss", "sigmoid_focal_loss_reference", "SetCriterion", "build_weight_dict", "total_loss"]
 
 
 # --------------------------------------------------------------------------- focal loss
@@ -50,19 +50,30 @@ def sigmoid_focal_loss(logits, targets, num_boxes, alpha: float = 0.25, gamma: f
     ``loss.mean(1).sum() / num_boxes`` and its caller multiplies by Q; the two factors of
     Q cancel, so this is the same number.
 
+    Computed by one Function whose gradient is written by hand
+    (:class:`minidetr.functional.loss.SigmoidFocalLoss`), tested against
+    :func:`sigmoid_focal_loss_reference`, the same formulas composed from autograd's
+    Functions: about twice as fast (measured in docs/matching-and-losses.md, section 3).
+
     Args:
         logits: Tensor (..., num_classes) of logits.
         targets: array of the same shape, 0 or 1 (no gradient).
         num_boxes: the normaliser (a positive Python number).
+        alpha, gamma: the class weight (< 0: none) and the focusing exponent (>= 0).
 
     Returns:
         A scalar Tensor.
     """
-    t = targets.data if isinstance(targets, Tensor) else targets
-    if tuple(t.shape) != tuple(logits.shape):
-        raise ValueError(f"sigmoid_focal_loss: targets {tuple(t.shape)} must have the shape "
-                         f"of logits {tuple(logits.shape)}")
-    t = t.astype(logits.dtype, copy=False)
+    t = _focal_targets("sigmoid_focal_loss", logits, targets, gamma)
+    return F.sigmoid_focal_loss(logits, t, num_boxes, alpha=alpha, gamma=gamma)
+
+
+def sigmoid_focal_loss_reference(logits, targets, num_boxes, alpha: float = 0.25,
+                                 gamma: float = 2.0):
+    """:func:`sigmoid_focal_loss` composed from autograd's Functions, line by line the
+    formulas above; autograd chains their backwards. The reference the hand-written
+    gradient is tested against."""
+    t = _focal_targets("sigmoid_focal_loss_reference", logits, targets, gamma)
     p = F.sigmoid(logits)
     bce = F.softplus(logits) - logits * t
     p_t = p * t + (1.0 - p) * (1.0 - t)
@@ -70,6 +81,17 @@ def sigmoid_focal_loss(logits, targets, num_boxes, alpha: float = 0.25, gamma: f
     if alpha >= 0:
         loss = loss * (alpha * t + (1.0 - alpha) * (1.0 - t))
     return loss.sum() / num_boxes
+
+
+def _focal_targets(name, logits, targets, gamma):
+    """The targets as an array of the logits' dtype, after checking shapes and gamma."""
+    t = targets.data if isinstance(targets, Tensor) else targets
+    if tuple(t.shape) != tuple(logits.shape):
+        raise ValueError(f"{name}: targets {tuple(t.shape)} must have the shape "
+                         f"of logits {tuple(logits.shape)}")
+    if not gamma >= 0:
+        raise ValueError(f"{name}: gamma must be >= 0, got {gamma!r}")
+    return t.astype(logits.dtype, copy=False)
 
 
 # --------------------------------------------------------------------------- criterion

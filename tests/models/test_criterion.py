@@ -10,7 +10,8 @@ from minidetr.autograd import Tensor
 from minidetr.backend import to_numpy
 from minidetr.models.box_ops import box_cxcywh_to_xyxy, generalized_box_iou
 from minidetr.models.criterion import (SetCriterion, build_weight_dict, count_boxes,
-                                       sigmoid_focal_loss, total_loss)
+                                       sigmoid_focal_loss, sigmoid_focal_loss_reference,
+                                       total_loss)
 from minidetr.models.matcher import HungarianMatcher
 from minidetr.testing import assert_allclose, gradcheck
 
@@ -38,48 +39,87 @@ def random_outputs(rng, xp, B, Q, num_classes, dtype=np.float64):
 
 
 # --------------------------------------------------------------------------- focal loss
+# Both implementations: the hand-written Function training uses, and the composition of
+# autograd Functions it is tested against.
+FOCAL = pytest.mark.parametrize("focal", [sigmoid_focal_loss, sigmoid_focal_loss_reference],
+                                ids=["function", "reference"])
+
+
+@FOCAL
 @pytest.mark.parametrize("alpha", [0.25, -1.0])
-def test_focal_loss_equals_numpy_formula(xp, rng, alpha):
+def test_focal_loss_equals_numpy_formula(xp, rng, alpha, focal):
     x = rng.normal(scale=3.0, size=(2, 5, 4))
     t = (rng.uniform(size=x.shape) < 0.3).astype(np.float64)
-    got = sigmoid_focal_loss(Tensor(xp.asarray(x)), xp.asarray(t), num_boxes=3.0, alpha=alpha)
+    got = focal(Tensor(xp.asarray(x)), xp.asarray(t), num_boxes=3.0, alpha=alpha)
     assert got.shape == ()
     assert_allclose(got, np.array(numpy_focal(x, t, 3.0, alpha)), rtol=1e-12, what="focal loss")
 
 
-def test_focal_loss_gradcheck(rng):
+@FOCAL
+@pytest.mark.parametrize("alpha, gamma", [(0.25, 2.0), (-1.0, 2.0), (0.25, 0.0), (0.4, 1.5),
+                                          (0.25, 3.0)])
+def test_focal_loss_gradcheck(rng, focal, alpha, gamma):
+    """Soft targets too: the hand-written gradient holds for any t in [0, 1]."""
     x = rng.normal(scale=2.0, size=(2, 3, 4))
     t = (rng.uniform(size=x.shape) < 0.4).astype(np.float64)
-    gradcheck(lambda z: sigmoid_focal_loss(z, t, num_boxes=2.0), [x], name="sigmoid_focal_loss")
+    t[0, 0] = rng.uniform(size=4)
+    gradcheck(lambda z: focal(z, t, num_boxes=2.0, alpha=alpha, gamma=gamma), [x],
+              name=f"{focal.__name__}(alpha={alpha}, gamma={gamma})")
 
 
-def test_focal_loss_gradient_closed_form(rng):
+@FOCAL
+def test_focal_loss_gradient_closed_form(rng, focal):
     # d/dx of the per-element loss, derived in docs/matching-and-losses.md:
     #   t = 1: alpha (1-p)^gamma (gamma p log p - (1 - p))
     #   t = 0: (1-alpha) p^gamma (p - gamma (1 - p) log(1 - p))
     x = rng.normal(size=(6,))
     t = np.array([1, 0, 1, 0, 1, 0], dtype=np.float64)
     z = Tensor(x, requires_grad=True)
-    sigmoid_focal_loss(z, t, num_boxes=1.0).backward()
+    focal(z, t, num_boxes=1.0).backward()
     p, a, g = 1 / (1 + np.exp(-x)), 0.25, 2.0
     pos = a * (1 - p) ** g * (g * p * np.log(p) - (1 - p))
     neg = (1 - a) * p ** g * (p - g * (1 - p) * np.log(1 - p))
     assert_allclose(z.grad, np.where(t == 1, pos, neg), rtol=1e-12, what="focal gradient")
 
 
-def test_focal_loss_is_finite_for_huge_float32_logits():
+@pytest.mark.parametrize("dtype, rtol", [(np.float32, 1e-5), (np.float64, 1e-12)])
+def test_the_focal_function_agrees_with_the_reference(xp, rng, dtype, rtol):
+    """Loss and gradient of the hand-written Function and of the composition, one-hot
+    targets as training builds them (mostly zeros), logits up to +-12."""
+    x = rng.normal(scale=4.0, size=(2, 50, 7)).clip(-12, 12)
+    t = np.zeros(x.shape)
+    t[0, rng.integers(0, 50, 5), rng.integers(0, 7, 5)] = 1.0
+    results = []
+    for focal in (sigmoid_focal_loss, sigmoid_focal_loss_reference):
+        z = Tensor(xp.asarray(x, dtype=dtype), requires_grad=True)
+        loss = focal(z, xp.asarray(t, dtype=dtype), num_boxes=5.0)
+        loss.backward(xp.asarray(2.0, dtype=dtype))              # an upstream factor too
+        assert loss.dtype == dtype and z.grad.dtype == dtype
+        results.append((to_numpy(loss.data), to_numpy(z.grad)))
+    (loss, grad), (ref_loss, ref_grad) = results
+    assert_allclose(loss, ref_loss, rtol=rtol, what="focal loss, Function vs reference")
+    scale = np.abs(ref_grad).max()
+    assert_allclose(grad, ref_grad, rtol=rtol, atol=rtol * scale,
+                    what="focal gradient, Function vs reference")
+
+
+@FOCAL
+def test_focal_loss_is_finite_for_huge_float32_logits(focal):
     x = Tensor(np.array([[-200.0, 200.0, 90.0, -90.0]], dtype=np.float32), requires_grad=True)
     t = np.array([[1.0, 0.0, 1.0, 0.0]], dtype=np.float32)
-    loss = sigmoid_focal_loss(x, t, num_boxes=1.0)
+    loss = focal(x, t, num_boxes=1.0)
     loss.backward()
     assert loss.dtype == np.float32 and np.isfinite(loss.item()) and np.isfinite(x.grad).all()
     # the two badly wrong logits dominate: 0.25*200 + 0.75*200 = 200 (to float32 accuracy)
     assert abs(loss.item() - 200.0) < 1e-3
 
 
-def test_focal_loss_shape_mismatch():
+@FOCAL
+def test_focal_loss_bad_input(focal):
     with pytest.raises(ValueError, match="targets .* must have the shape of logits"):
-        sigmoid_focal_loss(Tensor(np.zeros((2, 3))), np.zeros((3, 2)), 1.0)
+        focal(Tensor(np.zeros((2, 3))), np.zeros((3, 2)), 1.0)
+    with pytest.raises(ValueError, match="gamma must be >= 0"):
+        focal(Tensor(np.zeros((2, 3))), np.zeros((2, 3)), 1.0, gamma=-1.0)
 
 
 # --------------------------------------------------------------------------- SetCriterion

@@ -490,7 +490,16 @@ def test_training_steps_on_the_device_equal_numpy_and_copy_only_what_is_allowed(
             launches.append(counted)
         state = model.state_dict()
         trainable = sum(1 for p in model.parameters() if p.requires_grad)
-    assert got == expected                             # every logged value, bit for bit
+    # every logged value bit for bit, except the gradient norm: on the host its float64
+    # sum of squares runs in Numba's order (minidetr/ops/grad_norm_cpu.py), on the device
+    # in the reference's, which can differ in the last bit (the gradients themselves are
+    # compared bit for bit through the parameters below)
+    for step, (g, e) in enumerate(zip(got, expected)):
+        assert g.keys() == e.keys()
+        assert {k: v for k, v in g.items() if k != "grad_norm"} == \
+            {k: v for k, v in e.items() if k != "grad_norm"}, f"step {step}"
+        assert g["grad_norm"] == pytest.approx(e["grad_norm"], rel=1e-14, abs=0), \
+            f"step {step}: grad_norm {g['grad_norm']!r} != {e['grad_norm']!r}"
     for key, value in expected_state.items():
         assert np.array_equal(state[key], value), f"{key} differs after 3 steps"
     totals = [sum(c.values()) for c in launches]
