@@ -4,10 +4,10 @@ Stage k = 0..3 of a ResNet (``layer1`` .. ``layer4``) holds 3x3 stride-1 convolu
 64 * 2^k channels in and out, on the image downsampled 4 * 2^k times: both convolutions
 of a ResNet-18/34 block, the middle one of a ResNet-50 bottleneck. For a batch of images
 of one size, this times each stage's convolution forward, and forward + backward (the
-gradients of the input and of the weights), with ``conv2d(algorithm="im2col")`` and
-``conv2d(algorithm="winograd")``, and says which one ``algorithm="auto"`` takes
-(:func:`minidetr.functional.winograd.applies`). The numbers behind the Winograd entry of
-docs/profile.md, section 7.
+gradients of the input and of the weights), with ``conv2d(algorithm="im2col")``,
+``"winograd"`` (F(2x2, 3x3)) and ``"winograd4"`` (F(4x4, 3x3)), and says which one
+``algorithm="auto"`` takes (:func:`auto_choice`). The numbers behind the Winograd entry
+of docs/profile.md, section 7.
 
 Shapes: x (N, C, ceil(H / s), ceil(W / s)) with s = 4 * 2^k, weight (C, C, 3, 3).
 """
@@ -23,7 +23,7 @@ from .common import cpu_time_ms, machine_info, median_ms, parse_size
 
 DEFAULT_JSON = Path("runs/bench/conv.json")
 STAGES = ("layer1", "layer2", "layer3", "layer4")
-ALGORITHMS = ("im2col", "winograd")
+ALGORITHMS = ("im2col", "winograd", "winograd4")
 
 
 def stage_shapes(batch, height, width):
@@ -33,6 +33,16 @@ def stage_shapes(batch, height, width):
         stride = 4 * 2 ** k
         shapes.append((stage, (batch, 64 * 2 ** k, -(-height // stride), -(-width // stride))))
     return shapes
+
+
+def auto_choice(x, w):
+    """The algorithm ``conv2d(x, w, padding=1, algorithm="auto")`` takes (stride 1)."""
+    from ..functional import winograd, winograd4
+
+    geometry = ((1, 1), (1, 1), (1, 1))
+    if winograd4.applies(x, w, *geometry):
+        return "winograd4"
+    return "winograd" if winograd.applies(x, w, *geometry) else "im2col"
 
 
 def _timed_calls(x, w, grad, algorithm):
@@ -52,7 +62,7 @@ def _timed_calls(x, w, grad, algorithm):
 
 def bench_conv(batch=2, size=None, repeats=5, dtype="float32", json_path=None,
                print_fn=print):
-    """Time each stage's 3x3 convolution by both algorithms; print a table, write JSON.
+    """Time each stage's 3x3 convolution by each algorithm; print a table, write JSON.
 
     Args:
         batch: images per call (N).
@@ -63,7 +73,10 @@ def bench_conv(batch=2, size=None, repeats=5, dtype="float32", json_path=None,
         json_path: where to write the results (default ``runs/bench/conv.json``).
 
     Returns:
-        the list of result rows (dicts), as written to the JSON file.
+        the list of result rows (dicts), as written to the JSON file: per stage the shape,
+        ``tiles`` (2x2 tiles) and ``tiles4`` (4x4 tiles), ``auto``, ``<algorithm>_forward_ms``
+        and ``<algorithm>_total_ms`` (forward + backward), and ``speedup``: im2col's
+        forward + backward over that of the algorithm auto takes.
     """
     from ..functional import winograd
 
@@ -75,9 +88,9 @@ def bench_conv(batch=2, size=None, repeats=5, dtype="float32", json_path=None,
     print_fn(f"3x3 stride-1 convolutions of a ResNet, input {batch}x3x{height}x{width}, "
              f"{dtype}, median of {repeats} (after a warm-up call); {machine['cpu_count']} "
              f"CPUs, load average {machine['load_average_1min']:.2f}")
-    print_fn(f"{'stage':7} {'x shape':>20} {'tiles':>6} {'auto':>9} "
+    print_fn(f"{'stage':7} {'x shape':>20} {'tiles':>6} {'tiles4':>6} {'auto':>9} "
              f"{'im2col fwd':>11} {'fwd+bwd':>9} {'winograd fwd':>13} {'fwd+bwd':>9} "
-             f"{'speed-up':>9}")
+             f"{'winograd4 fwd':>14} {'fwd+bwd':>9} {'speed-up':>9}")
     rows = []
     for stage, shape in stage_shapes(batch, height, width):
         N, C, H, W = shape
@@ -85,22 +98,25 @@ def bench_conv(batch=2, size=None, repeats=5, dtype="float32", json_path=None,
         w = (rng.standard_normal((C, C, 3, 3)) / np.sqrt(9 * C)).astype(dtype)
         grad = rng.standard_normal(shape).astype(dtype)                  # dL/dy, (N, C, H, W)
         th, tw = winograd.tile_counts(H, W)
-        auto = "winograd" if winograd.applies(x, w, (1, 1), (1, 1), (1, 1)) else "im2col"
-        row = dict(stage=stage, N=N, C=C, H=H, W=W, tiles=N * th * tw, auto=auto,
-                   dtype=dtype, repeats=repeats)
+        th4, tw4 = winograd.tile_counts(H, W, 4)
+        auto = auto_choice(x, w)
+        row = dict(stage=stage, N=N, C=C, H=H, W=W, tiles=N * th * tw, tiles4=N * th4 * tw4,
+                   auto=auto, dtype=dtype, repeats=repeats)
         for algorithm in ALGORITHMS:
             forward, forward_backward = _timed_calls(x, w, grad, algorithm)
             forward_backward()                                 # compile / warm up, not timed
             row[f"{algorithm}_forward_ms"] = median_ms(cpu_time_ms, forward, repeats)
             row[f"{algorithm}_total_ms"] = median_ms(cpu_time_ms, forward_backward, repeats)
-        row["speedup"] = row["im2col_total_ms"] / row["winograd_total_ms"]
+        row["speedup"] = row["im2col_total_ms"] / row[f"{auto}_total_ms"]
         rows.append(row)
-        print_fn(f"{stage:7} {str(shape):>20} {row['tiles']:6d} {auto:>9} "
+        print_fn(f"{stage:7} {str(shape):>20} {row['tiles']:6d} {row['tiles4']:6d} {auto:>9} "
                  f"{row['im2col_forward_ms']:11.2f} {row['im2col_total_ms']:9.2f} "
                  f"{row['winograd_forward_ms']:13.2f} {row['winograd_total_ms']:9.2f} "
+                 f"{row['winograd4_forward_ms']:14.2f} {row['winograd4_total_ms']:9.2f} "
                  f"{row['speedup']:8.2f}x")
-    print_fn("ms per call; fwd+bwd: forward and the gradients of input and weights; "
-             "speed-up: im2col's fwd+bwd over Winograd's")
+    print_fn("ms per call; winograd: F(2x2, 3x3), winograd4: F(4x4, 3x3); tiles: 2x2 tiles, "
+             "tiles4: 4x4 tiles; fwd+bwd: forward and the gradients of input and weights; "
+             "speed-up: im2col's fwd+bwd over that of auto's choice")
     path = Path(json_path) if json_path else DEFAULT_JSON
     machine["load_average_1min_after"] = os.getloadavg()[0]
     write_json(path, dict(benchmark="conv", batch=batch, height=height, width=width,
@@ -109,4 +125,4 @@ def bench_conv(batch=2, size=None, repeats=5, dtype="float32", json_path=None,
     return rows
 
 
-__all__ = ["bench_conv", "stage_shapes"]
+__all__ = ["auto_choice", "bench_conv", "stage_shapes"]

@@ -1,8 +1,9 @@
 """2-D convolution by im2col + one GEMM, and 2-D max pooling.
 
 (:func:`conv2d` hands the 3x3, stride-1 convolutions of NumPy arrays to Winograd's
-algorithm, :mod:`.winograd`, which needs 2.25x fewer multiplications; everything here is
-the general method, and the reference the Winograd path is tested against.)
+algorithm: F(2x2, 3x3), :mod:`.winograd`, 2.25x fewer multiplications, or for the large
+ones F(4x4, 3x3), :mod:`.winograd4`, 4x fewer; everything here is the general method, and
+the reference the Winograd paths are tested against.)
 
 A convolution is a matrix product in disguise. Unfold every receptive field of the
 (zero-padded) input into one column of a matrix ``cols`` -- this is *im2col* -- and the

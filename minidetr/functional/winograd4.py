@@ -62,9 +62,16 @@ A_T = np.array([[1, 1, 1, 1, 1, 0],
                 [0, 1, -1, 8, -8, 1]], dtype=np.float64)          # (4, 6) output transform
 KRON_G = np.kron(G, G)                                            # (36, 9)
 
-# MIN_TILES: where "auto" takes F(4x4) instead of F(2x2) (see applies); set from the
-# measurements in the comment below.
-MIN_TILES = None
+# With few tiles the products are skinny and the transformed filters U, 36 numbers per
+# (o, c) against F(2x2)'s 16, made again every call and read by every product, cost more
+# than the products save. Measured, forward + backward, 2 threads, float32, F(4x4) time
+# over F(2x2) time (N, C_in = C_out, H = W), T = 4x4 tiles: (2, 512, 8), T = 8: 1.63;
+# (4, 512, 8), T = 16: 1.17; (1, 256, 16), T = 16: 1.19; (2, 512, 16), T = 32: 1.04;
+# (2, 256, 16), T = 32: 0.97; (4, 512, 16), T = 64: 0.90; (4, 256, 16), T = 64: 0.81;
+# (1, 128, 32), T = 64: 0.83; (2, 128, 32), T = 128: 0.72; (2, 64, 64), T = 512: 0.70.
+# (Small channel counts win earlier -- (1, 64, 16), T = 16: 0.79 -- but one threshold
+# that is right for every width is 64.) Set to None to keep "auto" on F(2x2).
+MIN_TILES = 64
 
 
 def tile_counts(H, W):

@@ -200,13 +200,39 @@ def test_auto_chooses_winograd_only_where_it_pays(rng):
     assert not winograd.applies(many.astype(np.float16), w3.astype(np.float16), one, one, one)
 
 
-def test_auto_gives_the_same_numbers_as_both_algorithms(rng):
-    x, w = rng.normal(size=(2, 3, 16, 15)), rng.normal(size=(4, 3, 3, 3))   # 64 tiles
+def test_auto_takes_f4x4_from_64_tiles_of_4x4(rng):
+    """F(4x4) where there are at least winograd4.MIN_TILES 4x4 tiles, F(2x2) below that
+    (and never where F(2x2) itself does not apply)."""
+    w3 = np.zeros((8, 8, 3, 3), np.float32)
+    one = (1, 1)
+    assert winograd4.MIN_TILES == 64
+    enough = np.zeros((1, 8, 32, 29), np.float32)          # 8 * 8 = 64 tiles of 4x4
+    fewer = np.zeros((1, 8, 32, 28), np.float32)           # 8 * 7 = 56 tiles of 4x4
+    assert winograd4.applies(enough, w3, one, one, one)
+    assert winograd4.applies(Tensor(enough), Tensor(w3), one, one, one), "Tensors are unwrapped"
+    assert not winograd4.applies(fewer, w3, one, one, one), "56 tiles"
+    assert winograd.applies(fewer, w3, one, one, one), "...but F(2x2) applies: 224 tiles of 2x2"
+    assert not winograd4.applies(enough, w3, (2, 2), one, one), "stride 2"
+    assert not winograd4.applies(enough.astype(np.float16), w3.astype(np.float16), one, one, one)
+
+
+@pytest.mark.parametrize("shape, algorithm", [((2, 3, 16, 15), "winograd"),       # 64 2x2 tiles
+                                              ((2, 3, 32, 32), "winograd4")])     # 128 4x4 tiles
+def test_auto_gives_the_same_numbers_as_the_algorithm_it_picks(rng, shape, algorithm):
+    x, w = rng.normal(size=shape), rng.normal(size=(4, 3, 3, 3))
     auto = F.conv2d(x, w, padding=1)
-    assert_allclose(auto, F.conv2d(x, w, padding=1, algorithm="winograd"), rtol=0, atol=0,
-                    what="auto vs winograd")
+    assert_allclose(auto, F.conv2d(x, w, padding=1, algorithm=algorithm), rtol=0, atol=0,
+                    what=f"auto vs {algorithm}")
     assert_allclose(auto, F.conv2d(x, w, padding=1, algorithm="im2col"), rtol=1e-12,
                     atol=1e-12, what="auto vs im2col")
+
+
+def test_auto_keeps_f2x2_while_f4x4_is_switched_off(rng, monkeypatch):
+    monkeypatch.setattr(winograd4, "MIN_TILES", None)
+    x, w = rng.normal(size=(2, 3, 32, 32)), rng.normal(size=(4, 3, 3, 3))
+    assert not winograd4.applies(x, w, (1, 1), (1, 1), (1, 1))
+    assert_allclose(F.conv2d(x, w, padding=1), F.conv2d(x, w, padding=1, algorithm="winograd"),
+                    rtol=0, atol=0, what="auto vs winograd with F(4x4) off")
 
 
 @pytest.mark.parametrize("algorithm", ["winograd", "winograd4"])
