@@ -14,12 +14,13 @@ Shapes: x (N, C, ceil(H / s), ceil(W / s)) with s = 4 * 2^k, weight (C, C, 3, 3)
 from __future__ import annotations
 
 import os
+import statistics
 from pathlib import Path
 
 import numpy as np
 
 from ..files import write_json
-from .common import cpu_time_ms, machine_info, median_ms, parse_size
+from .common import cpu_time_ms, machine_info, parse_size
 
 DEFAULT_JSON = Path("runs/bench/conv.json")
 STAGES = ("layer1", "layer2", "layer3", "layer4")
@@ -86,7 +87,7 @@ def bench_conv(batch=2, size=None, repeats=5, dtype="float32", json_path=None,
     rng = np.random.default_rng(0)
     machine = machine_info()
     print_fn(f"3x3 stride-1 convolutions of a ResNet, input {batch}x3x{height}x{width}, "
-             f"{dtype}, median of {repeats} (after a warm-up call); {machine['cpu_count']} "
+             f"{dtype}, median of {repeats} interleaved (after a warm-up call); {machine['cpu_count']} "
              f"CPUs, load average {machine['load_average_1min']:.2f}")
     print_fn(f"{'stage':7} {'x shape':>20} {'tiles':>6} {'tiles4':>6} {'auto':>9} "
              f"{'im2col fwd':>11} {'fwd+bwd':>9} {'winograd fwd':>13} {'fwd+bwd':>9} "
@@ -102,11 +103,18 @@ def bench_conv(batch=2, size=None, repeats=5, dtype="float32", json_path=None,
         auto = auto_choice(x, w)
         row = dict(stage=stage, N=N, C=C, H=H, W=W, tiles=N * th * tw, tiles4=N * th4 * tw4,
                    auto=auto, dtype=dtype, repeats=repeats)
-        for algorithm in ALGORITHMS:
-            forward, forward_backward = _timed_calls(x, w, grad, algorithm)
+        calls = {algorithm: _timed_calls(x, w, grad, algorithm) for algorithm in ALGORITHMS}
+        for forward, forward_backward in calls.values():
             forward_backward()                                 # compile / warm up, not timed
-            row[f"{algorithm}_forward_ms"] = median_ms(cpu_time_ms, forward, repeats)
-            row[f"{algorithm}_total_ms"] = median_ms(cpu_time_ms, forward_backward, repeats)
+        # Interleaved: round r times every algorithm once, so that a slow spell of a
+        # shared machine hits them all alike; then the median of each.
+        times = {(algorithm, kind): [] for algorithm in ALGORITHMS for kind in ("forward", "total")}
+        for _ in range(repeats):
+            for algorithm, (forward, forward_backward) in calls.items():
+                times[algorithm, "forward"].append(cpu_time_ms(forward))
+                times[algorithm, "total"].append(cpu_time_ms(forward_backward))
+        for (algorithm, kind), values in times.items():
+            row[f"{algorithm}_{kind}_ms"] = statistics.median(values)
         row["speedup"] = row["im2col_total_ms"] / row[f"{auto}_total_ms"]
         rows.append(row)
         print_fn(f"{stage:7} {str(shape):>20} {row['tiles']:6d} {row['tiles4']:6d} {auto:>9} "
