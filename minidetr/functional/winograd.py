@@ -50,6 +50,13 @@ below are their readable reference (and what a CuPy array would use with
 ``algorithm="winograd"``). Measured (2 CPU threads, ResNet-18 at 2 x 256 x 256, a full
 training step): see docs/profile.md, section 7.
 
+Larger tiles. The same algorithm with 4x4 output tiles, F(4x4, 3x3) (:mod:`.winograd4`),
+needs 36 products per 16 outputs instead of 16 per 4, 1.78x fewer, and rounds about 15x
+worse; ``auto`` takes it from 64 tiles of 4x4 (ResNet-18's ``layer1`` and ``layer2`` at
+2 x 256 x 256). The reference transforms here are written once for both tile sizes
+(``generic_*``, given the matrices), and :class:`WinogradConv3x3` takes the tile size as
+its argument ``m``.
+
 Derivation: docs/autograd.md, section "Winograd F(2×2, 3×3) convolution".
 """
 from __future__ import annotations

@@ -19,6 +19,13 @@ T-order as in :mod:`.winograd4`: t = (n, u, v).
 Threads: the channels (filters for the filter transforms) are cut into one block per
 thread (:func:`._parallel.run_ranges`); kernels are ``nogil`` so the blocks run at once.
 Compilation: on first use, once per dtype, cached on disk.
+
+Measured (2 threads, float32, ms, F(4x4) against F(2x2)'s kernels at the same shape):
+ResNet-18's ``layer2`` at 2 x 256 x 256, x (2, 128, 32, 32): input transform 0.8 against
+0.5-0.7, its adjoint 0.7-0.8 against 0.4-0.7, output transform and adjoint 0.2-0.4 both, the
+products 1.8 against 3.1-3.9. The loops over all tiles of a plane (rather than per tile row,
+``tw`` = 8 tiles: too short for SIMD) made the input transform 2x faster (1.6 -> 0.8) and the
+output adjoint 2.5x (1.0 -> 0.4).
 """
 from __future__ import annotations
 
