@@ -12,7 +12,7 @@ Grouped by kind, one file each:
 ``linalg``         matmul, linear
 ``conv``           conv2d (im2col; Winograd for 3x3 stride-1), max_pool2d
 ``winograd``       the Winograd F(2x2, 3x3) convolution conv2d uses on the CPU
-``norm``           layer_norm, group_norm, frozen_batch_norm
+``norm``           layer_norm, group_norm, frozen_batch_norm, frozen_batch_norm_relu
 ``random``         dropout
 ``loss``           sigmoid_focal_loss (one Function, gradient by hand)
 ``sampling``       interpolate_nearest (masks, no gradient)
@@ -31,7 +31,7 @@ from .shape import (concat, expand, flatten, gather, getitem, permute, reshape, 
                     squeeze, stack, transpose, unsqueeze)
 from .linalg import linear, matmul  # noqa: F401
 from .conv import conv2d, max_pool2d  # noqa: F401
-from .norm import frozen_batch_norm, group_norm, layer_norm  # noqa: F401
+from .norm import frozen_batch_norm, frozen_batch_norm_relu, group_norm, layer_norm  # noqa: F401
 from .random import dropout  # noqa: F401
 from .loss import sigmoid_focal_loss  # noqa: F401
 from .sampling import interpolate_nearest  # noqa: F401

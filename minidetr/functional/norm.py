@@ -18,12 +18,14 @@ Shapes:
     layer_norm         x (..., C),      weight, bias (C,)
     group_norm         x (N, C, *),     weight, bias (C,), C divisible by num_groups
     frozen_batch_norm  x (N, C, *),     weight, bias, running_mean, running_var (C,)
+    frozen_batch_norm_relu  the same, and an optional residual (N, C, *): the ResNet
+                       block's relu(bn(x) + residual) as one Function
 
 Derivation: docs/autograd.md, sections "Standardisation: the core of layer norm and group
 norm", "Layer normalisation", "Group normalisation" and "Frozen batch normalisation".
 
-Fast path: for NumPy float32/float64 C-contiguous arrays, LayerNorm and FrozenBatchNorm
-run fused Numba kernels (:mod:`.norm_cpu`) instead of the NumPy code below, which stays
+Fast path: for NumPy float32/float64 C-contiguous arrays, LayerNorm, FrozenBatchNorm and
+FrozenBatchNormReLU run fused Numba kernels (:mod:`.norm_cpu`) instead of the NumPy code below, which stays
 the reference (used on CuPy, and by the tests that compare the two).
 """
 from __future__ import annotations
@@ -299,6 +301,85 @@ class FrozenBatchNorm(Function):
         if need_b:
             grad_b = grad.sum(axis=sum_axes)
         return grad_x, grad_w, grad_b, None, None, None
+
+
+class FrozenBatchNormReLU(Function):
+    """y = relu(x * scale + shift + residual) per channel: a ResNet block's frozen batch
+    norm, shortcut addition and ReLU as one Function (``residual`` may be None).
+
+    The statistics and the affine (``weight``, ``bias``) are constants here, as they are
+    in the DETR backbone (buffers). With m = [y > 0] (ReLU's subgradient: 0 at the kink,
+    and for NaN):
+
+        dL/dx = dL/dy * m * scale,     dL/dresidual = dL/dy * m
+
+    Forward saves y, not x: the mask is y > 0. Same numbers as ``relu(frozen_batch_norm(x)
+    + residual)`` (the same operations in the same order), in one pass each way instead of
+    two or three.
+    """
+
+    @staticmethod
+    def forward(ctx, x, residual, weight, bias, running_mean, running_var, eps):
+        xp = ctx.xp
+        rstd = 1 / xp.sqrt(running_var + eps)                          # (C,)
+        scale = weight * rstd
+        shift = bias - running_mean * scale
+        if cpu_kernels_apply(x, residual, scale, shift):
+            from . import norm_cpu                                     # Numba, on first use
+            y = norm_cpu.scale_shift_add_relu(x, scale, shift, residual)
+        else:
+            shape = _channel_shape(x)                                  # (C, 1, ..., 1)
+            y = x * scale.reshape(shape) + shift.reshape(shape)
+            if residual is not None:
+                y = y + residual
+            y = xp.maximum(y, 0)
+        ctx.save_for_backward(y, scale)
+        return y                                                       # (N, C, *)
+
+    @staticmethod
+    def backward(ctx, grad):
+        y, scale = ctx.saved_tensors
+        need_x, need_residual = ctx.needs_input_grad[:2]
+        if cpu_kernels_apply(grad, y, scale) and (need_x or need_residual):
+            from . import norm_cpu
+            grad_x, grad_residual = norm_cpu.relu_scale_backward(grad, y, scale, need_x,
+                                                                 need_residual)
+        else:
+            masked = grad * (y > 0)                                    # dL/d(pre-ReLU)
+            grad_residual = masked if need_residual else None
+            grad_x = masked * scale.reshape(_channel_shape(grad)) if need_x else None
+        return grad_x, grad_residual, None, None, None, None, None
+
+
+def frozen_batch_norm_relu(x, weight, bias, running_mean, running_var, eps=1e-5,
+                           residual=None):
+    """``relu(frozen_batch_norm(x) + residual)`` (``residual`` optional) as one Function.
+
+    The backbone's conv-BN-ReLU and conv-BN-add-ReLU (:class:`FrozenBatchNormReLU`). The
+    batch norm's four vectors must be constants (arrays, or Tensors that do not require
+    grad); with a trainable weight or bias use the composition instead.
+
+    Shapes: x (N, C, *), residual None or (N, C, *), the four vectors (C,) -> (N, C, *).
+    """
+    if x.ndim < 2:
+        raise ValueError(f"frozen_batch_norm_relu: x must be (N, C, *), got shape "
+                         f"{tuple(x.shape)}")
+    if residual is not None and tuple(residual.shape) != tuple(x.shape):
+        raise ValueError(f"frozen_batch_norm_relu: residual {tuple(residual.shape)} must "
+                         f"have the shape of x {tuple(x.shape)}")
+    C = x.shape[1]
+    vectors = (weight, bias, running_mean, running_var)
+    for name, p in zip(("weight", "bias", "running_mean", "running_var"), vectors):
+        if p is None:
+            raise ValueError(f"frozen_batch_norm_relu: {name} is required")
+        if isinstance(p, Tensor) and p.requires_grad:
+            raise ValueError(f"frozen_batch_norm_relu: {name} requires grad; this fused "
+                             f"form treats the batch norm as constants (compose "
+                             f"relu(frozen_batch_norm(x) + residual) instead)")
+        _check_param("frozen_batch_norm_relu", name, p, C)
+    arrays = [p.data if isinstance(p, Tensor) else p for p in vectors]
+    same_float_dtype("frozen_batch_norm_relu", x, residual, *arrays)
+    return FrozenBatchNormReLU.apply(x, residual, *arrays, float(eps))
 
 
 def frozen_batch_norm(x, weight, bias, running_mean, running_var, eps=1e-5):

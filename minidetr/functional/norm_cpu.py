@@ -38,6 +38,10 @@ Frozen batch norm, x viewed as (N, C, P) with P = prod(*)::
     forward   y = x * scale[c] + shift[c], one multiply-add per element
     (its backward, grad * scale[c], is one NumPy multiply in norm.py)
 
+    with the ReLU (and the block's shortcut r) fused, FrozenBatchNormReLU:
+    forward   y = max(x * scale[c] + shift[c] (+ r), 0), one pass
+    backward  m = dL/dy * [y > 0]; dL/dr = m, dL/dx = m * scale[c], one pass
+
 Threads: none; every kernel runs in the calling thread. These calls take 0.1-0.5 ms
 and are limited by memory bandwidth, and on 2 cores ``parallel=True`` was no faster at
 best, while waking Numba's sleeping workers (``OMP_WAIT_POLICY=PASSIVE``, see
@@ -282,3 +286,70 @@ def scale_shift_channels(x, scale, shift):
     y = np.empty_like(planes)
     _scale_shift_channels(planes, scale, shift, y)
     return y.reshape(x.shape)
+
+
+@njit(cache=True)
+def _scale_shift_add_relu(x, scale, shift, r, zero, y):
+    """y[n, c, p] = max(x[n, c, p] * scale[c] + shift[c] + r[n, c, p], 0) for (N, C, P)
+    arrays; ``r`` of shape (0, 0, 0) means no residual; ``zero`` is 0 in the dtype. NaN
+    propagates, as in relu (:mod:`.relu_cpu`)."""
+    N, C, P = x.shape
+    add = r.shape[0] > 0
+    for nc in range(N * C):
+        n = nc // C
+        c = nc % C
+        a = scale[c]
+        b = shift[c]
+        for p in range(P):
+            v = x[n, c, p] * a + b
+            if add:
+                v = v + r[n, c, p]
+            y[n, c, p] = v if (v > 0 or v != v) else zero
+
+
+def scale_shift_add_relu(x, scale, shift, residual=None):
+    """FrozenBatchNormReLU's forward: max(x * scale + shift (+ residual), 0) per channel.
+
+    Shapes: x (N, C, *) C-contiguous, scale, shift (C,), residual None or x's shape ->
+    y (N, C, *).
+    """
+    N, C = x.shape[:2]
+    planes = x.reshape(N, C, -1)                                       # (N, C, P)
+    r = (residual.reshape(N, C, -1) if residual is not None
+         else np.empty((0, 0, 0), dtype=x.dtype))                      # (N, C, P) or none
+    y = np.empty_like(planes)
+    _scale_shift_add_relu(planes, scale, shift, r, x.dtype.type(0), y)
+    return y.reshape(x.shape)
+
+
+@njit(cache=True)
+def _relu_scale_backward(g, y, scale, zero, one, gx, gr, need_x, need_r):
+    """m = g * [y > 0]; gr = m, gx = m * scale[c] for (N, C, P) arrays (``zero``, ``one``
+    in the dtype: a NaN g stays NaN, as in g * mask)."""
+    N, C, P = g.shape
+    for nc in range(N * C):
+        n = nc // C
+        c = nc % C
+        a = scale[c]
+        for p in range(P):
+            m = g[n, c, p] * (one if y[n, c, p] > 0 else zero)
+            if need_r:
+                gr[n, c, p] = m
+            if need_x:
+                gx[n, c, p] = m * a
+
+
+def relu_scale_backward(grad, y, scale, need_x=True, need_residual=True):
+    """FrozenBatchNormReLU's backward: (dL/dx or None, dL/dresidual or None).
+
+    Shapes: grad, y (N, C, *) C-contiguous, scale (C,) -> two arrays of grad's shape.
+    """
+    N, C = grad.shape[:2]
+    g = grad.reshape(N, C, -1)                                         # (N, C, P)
+    none = np.empty((0, 0, 0), dtype=grad.dtype)
+    gx = np.empty_like(g) if need_x else none
+    gr = np.empty_like(g) if need_residual else none
+    _relu_scale_backward(g, y.reshape(N, C, -1), scale, grad.dtype.type(0),
+                         grad.dtype.type(1), gx, gr, need_x, need_residual)
+    return (gx.reshape(grad.shape) if need_x else None,
+            gr.reshape(grad.shape) if need_residual else None)

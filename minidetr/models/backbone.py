@@ -112,9 +112,10 @@ class BasicBlock(nn.Module):
 
     def forward(self, x):
         shortcut = x if self.downsample is None else self.downsample(x)
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return F.relu(out + shortcut)
+        out = self.bn1(self.conv1(x), relu=True)                 # relu(bn1(conv1(x)))
+        # relu(bn2(conv2(out)) + shortcut): the batch norm, the addition and the ReLU run
+        # as one Function (FrozenBatchNorm2d.forward)
+        return self.bn2(self.conv2(out), residual=shortcut, relu=True)
 
 
 class Bottleneck(nn.Module):
@@ -141,10 +142,10 @@ class Bottleneck(nn.Module):
 
     def forward(self, x):
         shortcut = x if self.downsample is None else self.downsample(x)
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = F.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        return F.relu(out + shortcut)
+        out = self.bn1(self.conv1(x), relu=True)                 # relu(bn1(conv1(x)))
+        out = self.bn2(self.conv2(out), relu=True)               # relu(bn2(conv2(out)))
+        # relu(bn3(conv3(out)) + shortcut), one fused Function (see BasicBlock)
+        return self.bn3(self.conv3(out), residual=shortcut, relu=True)
 
 
 # name -> (block, number of blocks in layer1..layer4)
@@ -205,7 +206,7 @@ class ResNet(nn.Module):
 
     def forward(self, x, return_layers=MULTI_SCALE_LAYERS):
         """The outputs of ``return_layers`` (in order), computing no layer beyond the last."""
-        x = F.relu(self.bn1(self.conv1(x)))                    # (B, 64, H/2, W/2)
+        x = self.bn1(self.conv1(x), relu=True)                 # (B, 64, H/2, W/2)
         x = F.max_pool2d(x, 3, stride=2, padding=1)            # (B, 64, H/4, W/4)
         return run_layers(self, x, return_layers)
 

@@ -79,10 +79,19 @@ class FrozenBatchNorm2d(Module):
         self.register_buffer("running_mean", np.zeros(num_features, dtype=np.float32))
         self.register_buffer("running_var", np.ones(num_features, dtype=np.float32))
 
-    def forward(self, x):
+    def forward(self, x, residual=None, relu=False):
+        """``bn(x)``; with ``relu=True``, ``relu(bn(x) + residual)`` (``residual`` optional)
+        as one Function (:func:`minidetr.functional.frozen_batch_norm_relu`): a ResNet
+        block's batch norm, shortcut and ReLU in one pass each way."""
         if x.ndim != 4 or x.shape[1] != self.num_features:
             raise ValueError(f"FrozenBatchNorm2d: expected input (N, {self.num_features}, H, W), "
                              f"got shape {tuple(x.shape)}")
+        if relu:
+            return F.frozen_batch_norm_relu(x, self.weight, self.bias, self.running_mean,
+                                            self.running_var, eps=self.eps, residual=residual)
+        if residual is not None:
+            raise ValueError("FrozenBatchNorm2d: a residual is added only with relu=True "
+                             "(the fused relu(bn(x) + residual))")
         return F.frozen_batch_norm(x, self.weight, self.bias, self.running_mean,
                                    self.running_var, eps=self.eps)
 

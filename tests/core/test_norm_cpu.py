@@ -3,7 +3,9 @@
 * layer norm forward and backward against ``_standardize`` / ``_standardize_backward`` and
   the affine map of :mod:`minidetr.functional.norm` (float32 and float64, odd shapes,
   without weight or bias);
-* frozen batch norm's per-channel multiply-add is bit-identical to NumPy's;
+* frozen batch norm's per-channel multiply-add is bit-identical to NumPy's, and so is the
+  fused relu(bn(x) + residual) of FrozenBatchNormReLU, forward and backward, against both
+  NumPy's formula and the composition of the three Functions;
 * dispatch: only NumPy float32/float64 C-contiguous arrays take the kernels; a strided view
   takes the reference and gives the same values; float64 gradchecks on both paths.
 """
@@ -156,6 +158,101 @@ def test_frozen_batch_norm_gradcheck_on_both_paths(contiguous):
     var = rng.uniform(0.5, 2, size=3)
     gradcheck(lambda x, w, b: F.frozen_batch_norm(view(x), w, b, mean, var),
               [x, w, b], name=f"frozen_batch_norm contiguous={contiguous}")
+
+
+# --------------------------------------------------------------------------- bn + relu
+def _bn_vectors(rng, C, dtype):
+    w, b, mean = (rng.normal(size=C).astype(dtype) for _ in range(3))
+    return w, b, mean, rng.uniform(0.5, 2, size=C).astype(dtype)
+
+
+def _special_values(x):
+    """Put a NaN, infinities and exact zeros where the kernels' branches are."""
+    flat = x.reshape(-1)
+    flat[:4] = [np.nan, np.inf, -np.inf, 0.0]
+    return x
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("with_residual", [True, False])
+def test_bn_relu_kernels_equal_the_composition_bit_for_bit(dtype, with_residual):
+    """relu(frozen_batch_norm(x) + r) by three Functions (their own kernels) and by the
+    fused one: the same operations in the same order, so the same bits, NaN included."""
+    rng = np.random.default_rng(11)
+    x = _special_values(rng.normal(size=(2, 5, 3, 7)).astype(dtype))
+    r = rng.normal(size=x.shape).astype(dtype) if with_residual else None
+    g = rng.normal(size=x.shape).astype(dtype)
+    vectors = _bn_vectors(rng, 5, dtype)
+    results = []
+    for fused in (True, False):
+        xt = Tensor(x.copy(), requires_grad=True)
+        rt = Tensor(r.copy(), requires_grad=True) if with_residual else None
+        if fused:
+            y = F.frozen_batch_norm_relu(xt, *vectors, residual=rt)
+        else:
+            z = F.frozen_batch_norm(xt, *vectors)
+            y = F.relu(z + rt if with_residual else z)
+        y.backward(g)
+        results.append([y.data, xt.grad] + ([rt.grad] if with_residual else []))
+    for name, got, expected in zip(("y", "grad x", "grad residual"), *results):
+        np.testing.assert_array_equal(got, expected, err_msg=f"{name}, fused vs composed")
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("need", [(True, True), (True, False), (False, True)])
+def test_bn_relu_kernels_equal_the_numpy_reference(dtype, need):
+    rng = np.random.default_rng(12)
+    x = _special_values(rng.normal(size=(3, 4, 9)).astype(dtype))
+    r = rng.normal(size=x.shape).astype(dtype)
+    g = rng.normal(size=x.shape).astype(dtype)
+    g.reshape(-1)[5] = np.nan
+    w, b, mean, var = _bn_vectors(rng, 4, dtype)
+    scale = w / np.sqrt(var + dtype(1e-5))
+    shift = b - mean * scale
+    c = (4, 1)                                                         # (C, 1)
+    y = norm_cpu.scale_shift_add_relu(x, scale, shift, r)
+    np.testing.assert_array_equal(y, np.maximum(x * scale.reshape(c) + shift.reshape(c) + r, 0))
+    np.testing.assert_array_equal(norm_cpu.scale_shift_add_relu(x, scale, shift),
+                                  np.maximum(x * scale.reshape(c) + shift.reshape(c), 0))
+    gx, gr = norm_cpu.relu_scale_backward(g, y, scale, *need)
+    masked = g * (y > 0)
+    if need[0]:
+        np.testing.assert_array_equal(gx, masked * scale.reshape(c), err_msg="grad x")
+    else:
+        assert gx is None
+    if need[1]:
+        np.testing.assert_array_equal(gr, masked, err_msg="grad residual")
+    else:
+        assert gr is None
+
+
+@pytest.mark.parametrize("contiguous", [True, False])
+@pytest.mark.parametrize("with_residual", [True, False])
+def test_bn_relu_gradcheck_on_both_paths(contiguous, with_residual):
+    rng = np.random.default_rng(13)
+    x, view = laid_out(rng.normal(size=(2, 3, 4, 5)), (0, 1, 3, 2), contiguous)
+    r = rng.normal(size=(2, 3, 4, 5))                                   # view(x)'s shape
+    vectors = _bn_vectors(rng, 3, np.float64)
+    if with_residual:
+        gradcheck(lambda x, r: F.frozen_batch_norm_relu(view(x), *vectors, residual=r),
+                  [x, r], name=f"frozen_batch_norm_relu contiguous={contiguous}")
+    else:
+        gradcheck(lambda x: F.frozen_batch_norm_relu(view(x), *vectors), [x],
+                  name=f"frozen_batch_norm_relu contiguous={contiguous}")
+
+
+def test_bn_relu_refuses_what_it_cannot_do():
+    x = Tensor(np.ones((1, 2, 3, 3)))
+    w, b, m, v = (np.ones(2) for _ in range(4))
+    with pytest.raises(ValueError, match="weight requires grad"):
+        F.frozen_batch_norm_relu(x, Tensor(w, requires_grad=True), b, m, v)
+    with pytest.raises(ValueError, match=r"residual \(1, 2, 3, 2\) must have the shape of x"):
+        F.frozen_batch_norm_relu(x, w, b, m, v, residual=np.ones((1, 2, 3, 2)))
+    with pytest.raises(ValueError, match=r"bias must have shape \(2,\)"):
+        F.frozen_batch_norm_relu(x, w, np.ones(3), m, v)
+    from minidetr import nn
+    with pytest.raises(ValueError, match="a residual is added only with relu=True"):
+        nn.FrozenBatchNorm2d(2)(x, residual=x)
 
 
 # --------------------------------------------------------------------------- group norm

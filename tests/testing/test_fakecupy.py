@@ -318,11 +318,20 @@ FUNCTIONS = {   # name: (function of Tensors, input shapes); float64 inputs
     "group_norm": (lambda x, w, b: F.group_norm(x, 2, w, b), [(2, 4, 3, 3), (4,), (4,)]),
     "frozen_batch_norm": (lambda x, w, b, m, v: F.frozen_batch_norm(x, w, b, m, F.abs(v) + 1),
                           [(2, 4, 3, 3), (4,), (4,), (4,), (4,)]),
+    "frozen_batch_norm_relu": (lambda x, r: _frozen_bn_relu(x, r), [(2, 4, 3, 3), (2, 4, 3, 3)]),
     "interpolate_nearest": (lambda x: F.interpolate_nearest(x.detach(), (5, 7)) * x.sum(),
                             [(1, 2, 3, 3)]),
     "ms_deform_attn": (lambda v, loc, w: _msda(v, loc, w),
                        [(2, 26, 2, 4), (2, 3, 2, 2, 2, 2), (2, 3, 2, 2, 2)]),
 }
+
+
+def _frozen_bn_relu(x, r):
+    """relu(frozen batch norm(x) + r), the four vectors constants on x's device."""
+    from minidetr.backend import get_array_module
+    xp = get_array_module(x.data)
+    w, b, m = (xp.linspace(lo, hi, 4) for lo, hi in ((0.5, 2.0), (-0.3, 0.3), (-1.0, 1.0)))
+    return F.frozen_batch_norm_relu(x, w, b, m, xp.linspace(0.5, 1.5, 4), residual=r)
 
 
 def _msda(value, locations, weights):
