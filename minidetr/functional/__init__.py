@@ -12,6 +12,7 @@ Grouped by kind, one file each:
 ``linalg``         matmul, linear
 ``conv``           conv2d (im2col; Winograd for 3x3 stride-1), max_pool2d
 ``winograd``       the Winograd F(2x2, 3x3) convolution conv2d uses on the CPU
+``winograd4``      Winograd F(4x4, 3x3), for the convolutions with the most tiles
 ``norm``           layer_norm, group_norm, frozen_batch_norm, frozen_batch_norm_relu
 ``random``         dropout
 ``loss``           sigmoid_focal_loss (one Function, gradient by hand)
