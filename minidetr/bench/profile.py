@@ -259,7 +259,7 @@ def profile_steps(config="tiny", variant="plain", batch=None, size=None, iterati
     from ..models.config import get_config
     from ..optim import AdamW
     from ..training import TrainConfig
-    from ..training.engine import build_param_groups, train_step
+    from ..training.engine import build_param_groups, long_lived_objects_frozen, train_step
 
     default_batch, default_size = DEFAULT_SHAPES[config]
     batch = default_batch if batch is None else batch
@@ -279,13 +279,14 @@ def profile_steps(config="tiny", variant="plain", batch=None, size=None, iterati
                    device="cpu", where="the benchmark")
         return (time.perf_counter() - start) * 1e3
 
-    for _ in range(warmup):
-        plain()
-    plain_ms = [plain() for _ in range(iterations)]
+    with long_lived_objects_frozen():                   # as Trainer.fit does
+        for _ in range(warmup):
+            plain()
+        plain_ms = [plain() for _ in range(iterations)]
 
     profiler = StepProfiler()
     walls = []
-    with profiling(profiler), profiler.attach(model, criterion):
+    with profiling(profiler), profiler.attach(model, criterion), long_lived_objects_frozen():
         for _ in range(iterations):
             start = time.perf_counter()
             profiler.restart()

@@ -72,7 +72,7 @@ from ..weights.checkpoint import (Checkpoint, CheckpointError, CorruptCheckpoint
 from ..weights.pretrained import load_pretrained
 from .config import DataPaths, TrainConfig, data_record, locate_data
 from .engine import (RunningAverages, StepOutOfMemoryError, build_param_groups, evaluate,
-                     train_one_epoch)
+                     long_lived_objects_frozen, train_one_epoch)
 from .evaluation import METRIC_NAMES
 from .plots import draw_detections, plot_ap, plot_losses
 from .run_dir import (CHECKPOINT_FILES, RunError, existing_run_files, prepare_run_dir,
@@ -358,7 +358,7 @@ class Trainer:
         returns True the run stops as on Ctrl-C: ``last.npz`` is saved and the result says
         ``interrupted``.
         """
-        with GracefulInterrupt(self.log) as interrupt:
+        with GracefulInterrupt(self.log) as interrupt, long_lived_objects_frozen():
             try:
                 return self._fit(interrupt, on_step)
             except Exception as error:          # save what was trained, then say so

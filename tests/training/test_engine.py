@@ -344,3 +344,34 @@ def test_a_time_limit_ends_the_run_after_the_running_epoch_which_is_evaluated(
 def test_a_time_limit_must_be_positive_minutes(bad):
     with pytest.raises(ValueError, match="time_limit"):
         TrainConfig(time_limit=bad)
+
+
+def test_long_lived_objects_are_frozen_only_inside_and_only_once():
+    import gc
+
+    from minidetr.training.engine import long_lived_objects_frozen
+
+    assert gc.get_freeze_count() == 0
+    with long_lived_objects_frozen():
+        frozen = gc.get_freeze_count()
+        assert frozen > 1000, "the objects that existed on entry are frozen"
+        with long_lived_objects_frozen():                 # nested: left to the outer one
+            assert gc.get_freeze_count() == frozen
+        assert gc.get_freeze_count() == frozen, "the inner block must not unfreeze"
+        import weakref
+
+        class Node:
+            pass
+        cycle = Node()
+        cycle.me = cycle                                    # a cycle made inside
+        alive = weakref.ref(cycle)
+        del cycle
+        gc.collect()
+        assert alive() is None, "garbage made inside is still collected"
+    assert gc.get_freeze_count() == 0, "unfrozen on exit"
+    try:
+        with long_lived_objects_frozen():
+            raise KeyError("inside")
+    except KeyError:
+        pass
+    assert gc.get_freeze_count() == 0, "unfrozen after an exception too"
