@@ -32,8 +32,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from ._parallel import run_ranges
-from .winograd import TRANSFORMS
+from .winograd_cpu import wrap_kernels
 
 
 # --------------------------------------------------------------------------- 1-D transforms
@@ -370,71 +369,15 @@ def _filter_transform_adjoint(dU, o0, o1, dw):
 
 
 # --------------------------------------------------------------------------- wrappers
-def _tiles(H, W):
-    return ((H + 3) // 4) * ((W + 3) // 4)
-
-
-def _whole(size):
-    """The size rounded up to whole 4-pixel tiles."""
-    return -(-size // 4) * 4
-
-
-def filter_transform(weight):
-    """weight (C_out, C_in, 3, 3) -> U (36, C_out, C_in)."""
-    weight = np.ascontiguousarray(weight)
-    U = np.empty((36,) + weight.shape[:2], dtype=weight.dtype)
-    run_ranges(lambda lo, hi: _filter_transform(weight, lo, hi, U), weight.shape[0], U.nbytes)
-    return U
-
-
-def filter_transform_adjoint(dU):
-    """dU (36, C_out, C_in) -> (C_out, C_in, 3, 3)."""
-    dU = np.ascontiguousarray(dU)
-    dw = np.empty(dU.shape[1:] + (3, 3), dtype=dU.dtype)
-    run_ranges(lambda lo, hi: _filter_transform_adjoint(dU, lo, hi, dw), dU.shape[1],
-               dU.nbytes)
-    return dw
-
-
-def input_transform(x):
-    """x (N, C, H, W) -> V (36, C, T)."""
-    x = np.ascontiguousarray(x)
-    N, C, H, W = x.shape
-    V = np.empty((36, C, N * _tiles(H, W)), dtype=x.dtype)
-    run_ranges(lambda lo, hi: _input_transform(x, lo, hi, V), C, V.nbytes)
-    return V
-
-
-def input_transform_adjoint(dV, x_shape):
-    """dV (36, C, T) -> dL/dx (N, C, H, W)."""
-    dV = np.ascontiguousarray(dV)
-    dx = np.empty(tuple(x_shape), dtype=dV.dtype)
-    run_ranges(lambda lo, hi: _input_transform_adjoint(dV, lo, hi, dx), x_shape[1], dV.nbytes)
-    return dx
-
-
-def output_transform(M, out_shape):
-    """M (36, C_out, T) -> y (N, C_out, H, W)."""
-    M = np.ascontiguousarray(M)
-    N, C_out, H, W = out_shape
-    y = np.empty((N, C_out, _whole(H), _whole(W)), dtype=M.dtype)  # whole tiles
-    run_ranges(lambda lo, hi: _output_transform(M, lo, hi, y), C_out, M.nbytes)
-    return y if (H, W) == y.shape[2:] else np.ascontiguousarray(y[:, :, :H, :W])
-
-
-def output_transform_adjoint(grad):
-    """dL/dy (N, C_out, H, W) -> Gy (36, C_out, T)."""
-    N, C_out, H, W = grad.shape
-    if (H, W) != (_whole(H), _whole(W)):                  # whole tiles: pad with zeros
-        padded = np.zeros((N, C_out, _whole(H), _whole(W)), dtype=grad.dtype)
-        padded[:, :, :H, :W] = grad
-        grad = padded
-    grad = np.ascontiguousarray(grad)
-    Gy = np.empty((36, C_out, N * _tiles(H, W)), dtype=grad.dtype)
-    run_ranges(lambda lo, hi: _output_transform_adjoint(grad, lo, hi, Gy), C_out, Gy.nbytes)
-    return Gy
+_KERNELS = {"filter_transform": _filter_transform,
+            "filter_transform_adjoint": _filter_transform_adjoint,
+            "input_transform": _input_transform,
+            "input_transform_adjoint": _input_transform_adjoint,
+            "output_transform": _output_transform,
+            "output_transform_adjoint": _output_transform_adjoint}
+_TRANSFORMS = wrap_kernels(_KERNELS, 4)        # the same wrappers as F(2x2)'s, m = 4
 
 
 def transforms():
     """These kernels by name, as :func:`.winograd4.reference_transforms` gives the reference."""
-    return {name: globals()[name] for name in TRANSFORMS}
+    return dict(_TRANSFORMS)

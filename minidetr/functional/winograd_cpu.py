@@ -252,66 +252,92 @@ def _filter_transform_adjoint(dU, o0, o1, dw):
 
 
 # --------------------------------------------------------------------------- wrappers
-def _tiles(H, W):
-    return ((H + 1) // 2) * ((W + 1) // 2)
+def wrap_kernels(kernels, m):
+    """The six transforms of F(m x m, 3x3) around their Numba kernels, by name.
+
+    ``kernels``: ``{name: kernel}`` for the names of ``TRANSFORMS``; each kernel treats the
+    channels (filters) ``lo .. hi-1`` of its input and writes into an output made here.
+    Returns ``{name: function}`` with the reference's signatures (:mod:`.winograd`):
+    the outputs are allocated, the inputs made contiguous, odd sizes padded or cut to
+    whole tiles of m x m outputs, and the channels cut into one block per thread
+    (:func:`._parallel.run_ranges`). Shared by F(2x2) (this module) and F(4x4)
+    (:mod:`.winograd4_cpu`), whose kernels differ and whose wrappers differ only in m.
+    """
+    positions = (m + 2) ** 2                                  # 16 for F(2x2), 36 for F(4x4)
+
+    def whole(size):                                          # rounded up to whole tiles
+        return -(-size // m) * m
+
+    def tiles(H, W):
+        return (whole(H) // m) * (whole(W) // m)
+
+    def filter_transform(weight):
+        """weight (C_out, C_in, 3, 3) -> U (P, C_out, C_in), P = (m + 2)^2."""
+        weight = np.ascontiguousarray(weight)
+        U = np.empty((positions,) + weight.shape[:2], dtype=weight.dtype)
+        run_ranges(lambda lo, hi: kernels["filter_transform"](weight, lo, hi, U),
+                   weight.shape[0], U.nbytes)
+        return U
+
+    def filter_transform_adjoint(dU):
+        """dU (P, C_out, C_in) -> (C_out, C_in, 3, 3)."""
+        dU = np.ascontiguousarray(dU)
+        dw = np.empty(dU.shape[1:] + (3, 3), dtype=dU.dtype)
+        run_ranges(lambda lo, hi: kernels["filter_transform_adjoint"](dU, lo, hi, dw),
+                   dU.shape[1], dU.nbytes)
+        return dw
+
+    def input_transform(x):
+        """x (N, C, H, W) -> V (P, C, T)."""
+        x = np.ascontiguousarray(x)
+        N, C, H, W = x.shape
+        V = np.empty((positions, C, N * tiles(H, W)), dtype=x.dtype)
+        run_ranges(lambda lo, hi: kernels["input_transform"](x, lo, hi, V), C, V.nbytes)
+        return V
+
+    def input_transform_adjoint(dV, x_shape):
+        """dV (P, C, T) -> dL/dx (N, C, H, W)."""
+        dV = np.ascontiguousarray(dV)
+        dx = np.empty(tuple(x_shape), dtype=dV.dtype)
+        run_ranges(lambda lo, hi: kernels["input_transform_adjoint"](dV, lo, hi, dx),
+                   x_shape[1], dV.nbytes)
+        return dx
+
+    def output_transform(M, out_shape):
+        """M (P, C_out, T) -> y (N, C_out, H, W)."""
+        M = np.ascontiguousarray(M)
+        N, C_out, H, W = out_shape
+        y = np.empty((N, C_out, whole(H), whole(W)), dtype=M.dtype)     # whole tiles
+        run_ranges(lambda lo, hi: kernels["output_transform"](M, lo, hi, y), C_out,
+                   M.nbytes)
+        return y if (H, W) == y.shape[2:] else np.ascontiguousarray(y[:, :, :H, :W])
+
+    def output_transform_adjoint(grad):
+        """dL/dy (N, C_out, H, W) -> Gy (P, C_out, T)."""
+        N, C_out, H, W = grad.shape
+        if (H, W) != (whole(H), whole(W)):                    # whole tiles: pad with zeros
+            padded = np.zeros((N, C_out, whole(H), whole(W)), dtype=grad.dtype)
+            padded[:, :, :H, :W] = grad
+            grad = padded
+        grad = np.ascontiguousarray(grad)
+        Gy = np.empty((positions, C_out, N * tiles(H, W)), dtype=grad.dtype)
+        run_ranges(lambda lo, hi: kernels["output_transform_adjoint"](grad, lo, hi, Gy),
+                   C_out, Gy.nbytes)
+        return Gy
+
+    made = locals()
+    return {name: made[name] for name in TRANSFORMS}
 
 
-def filter_transform(weight):
-    """weight (C_out, C_in, 3, 3) -> U (16, C_out, C_in)."""
-    weight = np.ascontiguousarray(weight)
-    U = np.empty((16,) + weight.shape[:2], dtype=weight.dtype)
-    run_ranges(lambda lo, hi: _filter_transform(weight, lo, hi, U), weight.shape[0], U.nbytes)
-    return U
-
-
-def filter_transform_adjoint(dU):
-    """dU (16, C_out, C_in) -> (C_out, C_in, 3, 3)."""
-    dU = np.ascontiguousarray(dU)
-    dw = np.empty(dU.shape[1:] + (3, 3), dtype=dU.dtype)
-    run_ranges(lambda lo, hi: _filter_transform_adjoint(dU, lo, hi, dw), dU.shape[1],
-               dU.nbytes)
-    return dw
-
-
-def input_transform(x):
-    """x (N, C, H, W) -> V (16, C, T)."""
-    x = np.ascontiguousarray(x)
-    N, C, H, W = x.shape
-    V = np.empty((16, C, N * _tiles(H, W)), dtype=x.dtype)
-    run_ranges(lambda lo, hi: _input_transform(x, lo, hi, V), C, V.nbytes)
-    return V
-
-
-def input_transform_adjoint(dV, x_shape):
-    """dV (16, C, T) -> dL/dx (N, C, H, W)."""
-    dV = np.ascontiguousarray(dV)
-    dx = np.empty(tuple(x_shape), dtype=dV.dtype)
-    run_ranges(lambda lo, hi: _input_transform_adjoint(dV, lo, hi, dx), x_shape[1], dV.nbytes)
-    return dx
-
-
-def output_transform(M, out_shape):
-    """M (16, C_out, T) -> y (N, C_out, H, W)."""
-    M = np.ascontiguousarray(M)
-    N, C_out, H, W = out_shape
-    y = np.empty((N, C_out, H + H % 2, W + W % 2), dtype=M.dtype)  # whole tiles
-    run_ranges(lambda lo, hi: _output_transform(M, lo, hi, y), C_out, M.nbytes)
-    return y if not (H % 2 or W % 2) else np.ascontiguousarray(y[:, :, :H, :W])
-
-
-def output_transform_adjoint(grad):
-    """dL/dy (N, C_out, H, W) -> Gy (16, C_out, T)."""
-    N, C_out, H, W = grad.shape
-    if H % 2 or W % 2:                                    # whole tiles: pad with zeros
-        padded = np.zeros((N, C_out, H + H % 2, W + W % 2), dtype=grad.dtype)
-        padded[:, :, :H, :W] = grad
-        grad = padded
-    grad = np.ascontiguousarray(grad)
-    Gy = np.empty((16, C_out, N * _tiles(H, W)), dtype=grad.dtype)
-    run_ranges(lambda lo, hi: _output_transform_adjoint(grad, lo, hi, Gy), C_out, Gy.nbytes)
-    return Gy
+_KERNELS = {"filter_transform": _filter_transform,
+            "filter_transform_adjoint": _filter_transform_adjoint,
+            "input_transform": _input_transform,
+            "input_transform_adjoint": _input_transform_adjoint,
+            "output_transform": _output_transform,
+            "output_transform_adjoint": _output_transform_adjoint}
+_TRANSFORMS = wrap_kernels(_KERNELS, 2)
 
 
 def transforms():
     """These kernels by name, as :func:`.winograd.reference_transforms` gives the reference."""
-    return {name: globals()[name] for name in TRANSFORMS}
+    return dict(_TRANSFORMS)
