@@ -12,7 +12,7 @@ variant of a preset this prints and writes (default ``runs/bench/train.json``):
   gradients and AdamW moments included; ``reserved`` = what the pool holds from the
   device afterwards; ``growth`` = the change of the bytes in use from the first to the
   last timed iteration (0 when nothing piles up); and the device's total. On a CPU, the
-  process's peak resident size (``ru_maxrss``) after the row and its rise during the
+  process's peak resident size (``VmHWM``, :func:`.common._max_rss_bytes`) after the row and its rise during the
   row: a high-water mark of the whole process, so a row that needs less than an earlier
   one shows a rise of 0 (tracemalloc would see NumPy's buffers too, but slows the step
   several times over).

@@ -38,7 +38,7 @@ Timing: CUDA events on a GPU (``torch.cuda.Event``), ``time.perf_counter`` on a 
 Memory on a GPU: ``torch.cuda.max_memory_allocated`` over one iteration (peak),
 ``torch.cuda.memory_reserved`` (reserved, the caching allocator's counterpart of
 CuPy's pool), the change of ``memory_allocated`` over the timed iterations (growth),
-and the device's total; on a CPU the same ``ru_maxrss`` figures as minidetr's rows.
+and the device's total; on a CPU the same peak resident size (``VmHWM``) as minidetr's rows.
 """
 from __future__ import annotations
 
@@ -95,7 +95,8 @@ def bench_hf_in_child(requests):
     with one thread and passive OpenMP workers, measured 1.4-1.7x slower than on its own
     (671 vs 451-490 ms at ``small``). The child gets the environment minus the variables
     that ``import minidetr`` set (your own settings, e.g. glibc's ``MALLOC_*``, pass on),
-    so each framework runs with its defaults and its own peak memory (``ru_maxrss``).
+    so each framework runs with its defaults and its own peak memory (``VmHWM``: its own
+    program's, not including minidetr's process before the ``exec``).
     """
     import json
     import os

@@ -31,8 +31,8 @@ def test_bench_train_tiny_on_the_cpu(tmp_path, capsys):
         assert (r["batch"], r["height"], r["width"], r["device"]) == (2, 128, 128, "cpu")
         assert r["ms_median"] > 0 and len(r["times_ms"]) == 1
         assert r["images_per_s"] == pytest.approx(2 / (r["ms_median"] / 1e3))
-        assert r["peak_bytes"] > 2**20 and r["rise_bytes"] >= 0     # ru_maxrss, bytes
-        assert "ru_maxrss" in r["memory_note"]
+        assert r["peak_bytes"] > 2**20 and r["rise_bytes"] >= 0     # VmHWM, bytes
+        assert "VmHWM" in r["memory_note"]
     assert saved["machine"]["cpu_count"] >= 1
 
 
@@ -167,3 +167,24 @@ def test_the_official_hf_loss_trains_the_proposal_heads_that_transformers_leaves
         "transformers' own loss now reaches the proposal heads: revisit hf_loss"
     grads = head_grads(official=True)
     assert all(g is not None and torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)
+
+
+def test_a_child_process_reports_its_own_peak_memory_not_its_parents():
+    """ru_maxrss survives exec: a child of a big process would report the parent's peak;
+    the benchmark's reading (VmHWM on Linux) is the child's own."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if not Path("/proc/self/status").exists():
+        pytest.skip("no /proc/self/status here: the benchmark reads ru_maxrss instead")
+    from minidetr.bench.common import _max_rss_bytes
+
+    ballast = np.ones(64 * 2**20 // 8)                     # 64 MiB touched in this process
+    parent = _max_rss_bytes()
+    code = ("import sys; sys.path[:0] = [" + repr(str(Path(__file__).resolve().parents[2]))
+            + "]; from minidetr.bench.common import _max_rss_bytes; print(_max_rss_bytes())")
+    child = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                               check=True).stdout.split()[-1])
+    assert ballast.sum() > 0 and parent > 64 * 2**20
+    assert child < parent - 32 * 2**20, (child, parent)
