@@ -25,8 +25,8 @@ Derivation: docs/autograd.md, sections "Standardisation: the core of layer norm 
 norm", "Layer normalisation", "Group normalisation" and "Frozen batch normalisation".
 
 Fast path: for NumPy float32/float64 C-contiguous arrays, LayerNorm, FrozenBatchNorm and
-FrozenBatchNormReLU run fused Numba kernels (:mod:`.norm_cpu`) instead of the NumPy code below, which stays
-the reference (used on CuPy, and by the tests that compare the two).
+FrozenBatchNormReLU run fused Numba kernels (:mod:`.norm_cpu`) instead of the NumPy code
+below, which stays the reference (used on CuPy, and by the tests that compare the two).
 """
 from __future__ import annotations
 

@@ -32,7 +32,8 @@ from ..autograd import Tensor
 from ..backend import get_array_module
 from .box_ops import box_cxcywh_to_xyxy, elementwise_generalized_box_iou
 
-__all__ = ["sigmoid_focal_loss", "sigmoid_focal_loss_reference", "SetCriterion", "build_weight_dict", "total_loss"]
+__all__ = ["sigmoid_focal_loss", "sigmoid_focal_loss_reference", "SetCriterion",
+           "build_weight_dict", "total_loss"]
 
 
 # --------------------------------------------------------------------------- focal loss
