@@ -17,14 +17,15 @@ instead of its full-tile one, which can change the last bit or two of a float32 
 bound the difference); a given thread count always gives the same numbers.
 
 Products under ``MIN_FLOPS`` (5e7 floating-point operations, about half a millisecond on
-one core) run in the calling thread. Handing a block to another thread and waiting for
-it costs 15-30 microseconds on an idle machine (two locks, see ``_Pool``), but during
+one core) run in the calling thread. Handing a block to another thread and waiting for it
+costs 15-30 microseconds on an idle machine (two locks, see ``_Pool``), but during
 training the data loader's threads want the cores too. Three epochs of the demo (the
 `tiny` model, products of 10-40 MFLOP) took 49 s with a threshold of 4e6, 44 s with 3e7,
-43 s with 1e8 and 41 s with everything on one thread. 5e7 keeps the `tiny` model's products at 128 x 128 on one thread (up to 40
-MFLOP; the same 70 ms step as 1e8; the demo's augmented batches of up to 128 x 213 reach
-66 MFLOP and split) and splits the `small` model's 63-89 MFLOP projections (369 against
-378 ms a step, interleaved in one process).
+43 s with 1e8 and 41 s with everything on one thread. 5e7 keeps the `tiny` model's
+products at 128 x 128 on one thread (up to 40 MFLOP; the same 70 ms step as 1e8; the
+demo's augmented batches of up to 128 x 213 reach 66 MFLOP and split) and splits the
+`small` model's 63-89 MFLOP projections (369 against 378 ms a step, interleaved in one
+process).
 
 ``run_blocks`` is the general tool; ``run_ranges`` cuts a range of independent items
 (col2im's channels, the Winograd transforms' channels) into one block per thread;
