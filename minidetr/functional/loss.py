@@ -21,9 +21,9 @@ about 15 Functions forward and as many backward, each a pass over the logits (an
 for the engine). :class:`SigmoidFocalLoss` computes the loss and, when the logits need a
 gradient, dFL/dx in the same forward, from the same ``p``, ``BCE`` and ``q``; its backward
 is one multiplication by the upstream scalar. Same numbers up to rounding (a test compares
-the two, and a float64 finite-difference check tests the gradient), about twice as fast:
-on the encoder proposals' 2 x 1360 x 91 float32 logits, forward + backward on the 2
-development cores, 15.4 -> 8.0 ms (a busy hour; alternating in one process). NumPy and
+the two, and a float64 finite-difference check tests the gradient), 1.8x as fast: on
+the encoder proposals' 2 x 1360 x 91 float32 logits, forward + backward on the 2
+development cores, 22.7 -> 12.7 ms (medians, a busy hour, alternating in one process). NumPy and
 CuPy alike (``ctx.xp``).
 
 Numerical stability: ``e = exp(-|x|)`` lies in (0, 1], so neither the sigmoid
@@ -36,7 +36,7 @@ Derivation: docs/matching-and-losses.md, section "3. The sigmoid focal loss".
 """
 from __future__ import annotations
 
-from ..autograd import Function
+from ..autograd import Function, Tensor
 
 
 class SigmoidFocalLoss(Function):
@@ -51,7 +51,8 @@ class SigmoidFocalLoss(Function):
     def forward(ctx, x, t, num_boxes, alpha, gamma):
         xp = ctx.xp
         e = xp.exp(-xp.abs(x))                                 # (...) in (0, 1]
-        p = xp.where(x >= 0, 1, e) / (1 + e)                   # sigmoid(x)
+        d = 1 + e
+        p = xp.where(x >= 0, 1 / d, e / d)                     # sigmoid(x), as in F.sigmoid
         bce = xp.maximum(x, 0) + xp.log1p(e) - x * t           # softplus(x) - t x
         q = p + t * (1 - 2 * p)                                # 1 - p_t
         q_gamma = q * q if gamma == 2 else q ** gamma          # exact square for the default
@@ -79,7 +80,21 @@ class SigmoidFocalLoss(Function):
 
 
 def sigmoid_focal_loss(logits, targets, num_boxes, alpha=0.25, gamma=2.0):
-    """The focal loss of ``logits`` (Tensor, any shape) against ``targets`` (an array of
-    the same shape, no gradient), summed and divided by ``num_boxes``: a scalar Tensor.
-    ``alpha < 0`` turns the class weighting off; ``gamma >= 0``."""
-    return SigmoidFocalLoss.apply(logits, targets, num_boxes, alpha, gamma)
+    """The focal loss of ``logits`` (Tensor, any shape) against ``targets`` (an array or
+    Tensor of the same shape, no gradient), summed and divided by ``num_boxes``: a scalar
+    Tensor. ``alpha < 0`` turns the class weighting off; ``gamma >= 0``.
+    (:func:`minidetr.models.criterion.sigmoid_focal_loss` is the same, documented there.)"""
+    t = focal_targets("sigmoid_focal_loss", logits, targets, gamma)
+    return SigmoidFocalLoss.apply(logits, t, num_boxes, alpha, gamma)
+
+
+def focal_targets(fn, logits, targets, gamma):
+    """The targets as an array of the logits' dtype, after a clear error for a shape that
+    differs from the logits' or a negative ``gamma`` (``fn`` names the caller)."""
+    t = targets.data if isinstance(targets, Tensor) else targets
+    if tuple(t.shape) != tuple(logits.shape):
+        raise ValueError(f"{fn}: targets {tuple(t.shape)} must have the shape of logits "
+                         f"{tuple(logits.shape)}")
+    if not gamma >= 0:
+        raise ValueError(f"{fn}: gamma must be >= 0, got {gamma!r}")
+    return t.astype(logits.dtype, copy=False)

@@ -266,6 +266,14 @@ def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, valid=None):
 
 
 # --------------------------------------------------------------------------- frozen batch norm
+def _frozen_affine(xp, weight, bias, running_mean, running_var, eps):
+    """rstd = (running_var + eps)^-1/2, scale = weight * rstd, shift = bias - mean * scale:
+    frozen batch norm as the per-channel map x * scale + shift. Shapes: (C,) each."""
+    rstd = 1 / xp.sqrt(running_var + eps)                              # (C,)
+    scale = weight * rstd
+    return rstd, scale, bias - running_mean * scale
+
+
 class FrozenBatchNorm(Function):
     """y = x * scale + shift per channel, with constant statistics.
 
@@ -276,10 +284,8 @@ class FrozenBatchNorm(Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, eps):
-        xp = ctx.xp
-        rstd = 1 / xp.sqrt(running_var + eps)                          # (C,)
-        scale = weight * rstd
-        shift = bias - running_mean * scale
+        rstd, scale, shift = _frozen_affine(ctx.xp, weight, bias, running_mean, running_var,
+                                            eps)
         shape = _channel_shape(x)                                      # (C, 1, ..., 1)
         ctx.save_for_backward(x, scale, rstd, running_mean)
         if cpu_kernels_apply(x, scale, shift):                         # one multiply-add
@@ -321,9 +327,7 @@ class FrozenBatchNormReLU(Function):
     @staticmethod
     def forward(ctx, x, residual, weight, bias, running_mean, running_var, eps):
         xp = ctx.xp
-        rstd = 1 / xp.sqrt(running_var + eps)                          # (C,)
-        scale = weight * rstd
-        shift = bias - running_mean * scale
+        _, scale, shift = _frozen_affine(xp, weight, bias, running_mean, running_var, eps)
         if cpu_kernels_apply(x, residual, scale, shift):
             from . import norm_cpu                                     # Numba, on first use
             y = norm_cpu.scale_shift_add_relu(x, scale, shift, residual)
@@ -361,25 +365,34 @@ def frozen_batch_norm_relu(x, weight, bias, running_mean, running_var, eps=1e-5,
 
     Shapes: x (N, C, *), residual None or (N, C, *), the four vectors (C,) -> (N, C, *).
     """
-    if x.ndim < 2:
-        raise ValueError(f"frozen_batch_norm_relu: x must be (N, C, *), got shape "
-                         f"{tuple(x.shape)}")
+    fn = "frozen_batch_norm_relu"
     if residual is not None and tuple(residual.shape) != tuple(x.shape):
-        raise ValueError(f"frozen_batch_norm_relu: residual {tuple(residual.shape)} must "
-                         f"have the shape of x {tuple(x.shape)}")
+        raise ValueError(f"{fn}: residual {tuple(residual.shape)} must have the shape of x "
+                         f"{tuple(x.shape)}")
+    for name, p in zip(("weight", "bias"), (weight, bias)):
+        if isinstance(p, Tensor) and p.requires_grad:
+            raise ValueError(f"{fn}: {name} requires grad; this fused form treats the batch "
+                             f"norm as constants (compose relu(frozen_batch_norm(x) + "
+                             f"residual) instead)")
+    vectors = _checked_vectors(fn, x, weight, bias, running_mean, running_var, residual)
+    arrays = [p.data if isinstance(p, Tensor) else p for p in vectors]
+    return FrozenBatchNormReLU.apply(x, residual, *arrays, float(eps))
+
+
+def _checked_vectors(fn, x, weight, bias, running_mean, running_var, residual=None):
+    """The four vectors of a frozen batch norm, checked against x (N, C, *): present, of
+    shape (C,), of x's float dtype (so is ``residual``); the statistics as arrays."""
+    if x.ndim < 2:
+        raise ValueError(f"{fn}: x must be (N, C, *), got shape {tuple(x.shape)}")
     C = x.shape[1]
-    vectors = (weight, bias, running_mean, running_var)
+    stats = [s.data if isinstance(s, Tensor) else s for s in (running_mean, running_var)]
+    vectors = (weight, bias, *stats)
     for name, p in zip(("weight", "bias", "running_mean", "running_var"), vectors):
         if p is None:
-            raise ValueError(f"frozen_batch_norm_relu: {name} is required")
-        if isinstance(p, Tensor) and p.requires_grad:
-            raise ValueError(f"frozen_batch_norm_relu: {name} requires grad; this fused "
-                             f"form treats the batch norm as constants (compose "
-                             f"relu(frozen_batch_norm(x) + residual) instead)")
-        _check_param("frozen_batch_norm_relu", name, p, C)
-    arrays = [p.data if isinstance(p, Tensor) else p for p in vectors]
-    same_float_dtype("frozen_batch_norm_relu", x, residual, *arrays)
-    return FrozenBatchNormReLU.apply(x, residual, *arrays, float(eps))
+            raise ValueError(f"{fn}: {name} is required")
+        _check_param(fn, name, p, C)
+    same_float_dtype(fn, x, residual, *vectors)
+    return vectors
 
 
 def frozen_batch_norm(x, weight, bias, running_mean, running_var, eps=1e-5):
@@ -394,14 +407,5 @@ def frozen_batch_norm(x, weight, bias, running_mean, running_var, eps=1e-5):
     Returns:
         Tensor (N, C, *).
     """
-    if x.ndim < 2:
-        raise ValueError(f"frozen_batch_norm: x must be (N, C, *), got shape {tuple(x.shape)}")
-    C = x.shape[1]
-    stats = [s.data if isinstance(s, Tensor) else s for s in (running_mean, running_var)]
-    for name, p in zip(("weight", "bias", "running_mean", "running_var"),
-                       (weight, bias, *stats)):
-        if p is None:
-            raise ValueError(f"frozen_batch_norm: {name} is required")
-        _check_param("frozen_batch_norm", name, p, C)
-    same_float_dtype("frozen_batch_norm", x, weight, bias, *stats)
-    return FrozenBatchNorm.apply(x, weight, bias, *stats, float(eps))
+    vectors = _checked_vectors("frozen_batch_norm", x, weight, bias, running_mean, running_var)
+    return FrozenBatchNorm.apply(x, *vectors, float(eps))

@@ -30,6 +30,7 @@ import numpy as np
 from .. import functional as F
 from ..autograd import Tensor
 from ..backend import get_array_module
+from ..functional.loss import focal_targets
 from .box_ops import box_cxcywh_to_xyxy, elementwise_generalized_box_iou
 
 __all__ = ["sigmoid_focal_loss", "sigmoid_focal_loss_reference", "SetCriterion",
@@ -54,7 +55,7 @@ def sigmoid_focal_loss(logits, targets, num_boxes, alpha: float = 0.25, gamma: f
     Computed by one Function whose gradient is written by hand
     (:class:`minidetr.functional.loss.SigmoidFocalLoss`), tested against
     :func:`sigmoid_focal_loss_reference`, the same formulas composed from autograd's
-    Functions: about twice as fast (measured in docs/matching-and-losses.md, section 3).
+    Functions: 1.8x as fast (measured in docs/matching-and-losses.md, section 3).
 
     Args:
         logits: Tensor (..., num_classes) of logits.
@@ -65,8 +66,7 @@ def sigmoid_focal_loss(logits, targets, num_boxes, alpha: float = 0.25, gamma: f
     Returns:
         A scalar Tensor.
     """
-    t = _focal_targets("sigmoid_focal_loss", logits, targets, gamma)
-    return F.sigmoid_focal_loss(logits, t, num_boxes, alpha=alpha, gamma=gamma)
+    return F.sigmoid_focal_loss(logits, targets, num_boxes, alpha=alpha, gamma=gamma)
 
 
 def sigmoid_focal_loss_reference(logits, targets, num_boxes, alpha: float = 0.25,
@@ -74,7 +74,7 @@ def sigmoid_focal_loss_reference(logits, targets, num_boxes, alpha: float = 0.25
     """:func:`sigmoid_focal_loss` composed from autograd's Functions, line by line the
     formulas above; autograd chains their backwards. The reference the hand-written
     gradient is tested against."""
-    t = _focal_targets("sigmoid_focal_loss_reference", logits, targets, gamma)
+    t = focal_targets("sigmoid_focal_loss_reference", logits, targets, gamma)
     p = F.sigmoid(logits)
     bce = F.softplus(logits) - logits * t
     p_t = p * t + (1.0 - p) * (1.0 - t)
@@ -82,17 +82,6 @@ def sigmoid_focal_loss_reference(logits, targets, num_boxes, alpha: float = 0.25
     if alpha >= 0:
         loss = loss * (alpha * t + (1.0 - alpha) * (1.0 - t))
     return loss.sum() / num_boxes
-
-
-def _focal_targets(name, logits, targets, gamma):
-    """The targets as an array of the logits' dtype, after checking shapes and gamma."""
-    t = targets.data if isinstance(targets, Tensor) else targets
-    if tuple(t.shape) != tuple(logits.shape):
-        raise ValueError(f"{name}: targets {tuple(t.shape)} must have the shape "
-                         f"of logits {tuple(logits.shape)}")
-    if not gamma >= 0:
-        raise ValueError(f"{name}: gamma must be >= 0, got {gamma!r}")
-    return t.astype(logits.dtype, copy=False)
 
 
 # --------------------------------------------------------------------------- criterion
